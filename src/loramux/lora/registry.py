@@ -1,0 +1,68 @@
+"""Adapters by name: each gets a slot, and its weights are installed into the model's linears."""
+
+from __future__ import annotations
+
+from loramux.lora.adapter import AdapterError, LoraAdapter, UnknownAdapterError
+from loramux.model.llama import LlamaModel
+
+
+class AdapterRegistry:
+    """Owns the name -> slot map. Adding or removing an adapter touches only that adapter's
+    entries in the linears; the base weights are never touched. Slots are reused after removal."""
+
+    def __init__(self, model: LlamaModel) -> None:
+        self.model = model
+        self._adapters: dict[str, LoraAdapter] = {}
+        self._slots: dict[str, int] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def get(self, name: str) -> LoraAdapter:
+        self._check_known(name)
+        return self._adapters[name]
+
+    def slot(self, name: str | None) -> int | None:
+        """The slot of adapter `name`; None (the base model) stays None."""
+        if name is None:
+            return None
+        self._check_known(name)
+        return self._slots[name]
+
+    def add(self, adapter: LoraAdapter) -> int:
+        if adapter.name in self._adapters:
+            raise AdapterError(f"an adapter named {adapter.name!r} is already loaded")
+        adapter.check_fits(self.model.config)
+        for A, B in adapter.weights.values():
+            if A.dtype != self.model.dtype or A.device != self.model.device:
+                raise AdapterError(f"adapter {adapter.name!r} is {A.dtype} on {A.device}; the model is {self.model.dtype} on {self.model.device}")
+        used = set(self._slots.values())
+        slot = next(s for s in range(len(used) + 1) if s not in used)
+        for key in adapter.weights:
+            self.model.linear(*key).set_adapter(slot, adapter.layer_weights(key))
+        self._adapters[adapter.name], self._slots[adapter.name] = adapter, slot
+        self.mark_updated()
+        return slot
+
+    def remove(self, name: str) -> LoraAdapter:
+        self._check_known(name)
+        adapter, slot = self._adapters.pop(name), self._slots.pop(name)
+        for key in adapter.weights:
+            self.model.linear(*key).remove_adapter(slot)
+        self.mark_updated()
+        return adapter
+
+    def mark_updated(self) -> None:
+        """Call after changing any adapter's weights in place (for example an optimizer step)."""
+        self.model.weights_version += 1
+
+    def _check_known(self, name: str) -> None:
+        if name not in self._adapters:
+            known = ", ".join(self._adapters) or "none"
+            raise UnknownAdapterError(f"unknown adapter {name!r}; loaded adapters: {known}")

@@ -1,0 +1,88 @@
+"""Which rows of a batch part use which adapter: the segment layout of the multi-LoRA matmul."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+MIN_TILE, MAX_TILE = 4, 64
+
+
+@dataclass(frozen=True)
+class LoraSegments:
+    """Rows grouped by adapter, computed once per step and shared by every linear.
+
+    segments:   (start, end, slot) triples: rows [start, end) use adapter `slot`. Segments are
+                disjoint and sorted; rows in no segment get the base output alone.
+    For the batched (tiled) path every segment is cut into tiles of `tile` rows:
+    tile_rows:  [n_tiles, tile] long, row index of each tile position; padding positions repeat the
+                tile's first row (so gathers stay in bounds) and are left out by `valid`.
+    tile_slots: [n_tiles] long, the adapter slot of each tile.
+    valid:      [n_valid] long, flat positions of tile_rows that hold real rows.
+    valid_rows: [n_valid] long, tile_rows.flatten()[valid].
+    """
+
+    num_rows: int
+    segments: tuple[tuple[int, int, int], ...]
+    tile: int
+    tile_rows: torch.Tensor
+    tile_slots: torch.Tensor
+    valid: torch.Tensor
+    valid_rows: torch.Tensor
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        return tuple(sorted({slot for _, _, slot in self.segments}))
+
+    @classmethod
+    def from_spans(
+        cls,
+        spans: Sequence[tuple[int, int]],
+        adapters: Sequence[int | None],
+        device: torch.device | str = "cpu",
+    ) -> LoraSegments:
+        """Merges consecutive row spans of the same adapter into segments. Spans must be sorted and
+        contiguous-by-adapter (Batch.build guarantees it); an adapter may not appear in two segments."""
+        segments: list[list[int]] = []
+        for (start, end), slot in zip(spans, adapters):
+            if slot is None:
+                continue
+            if segments and segments[-1][2] == slot and segments[-1][1] == start:
+                segments[-1][1] = end
+            else:
+                segments.append([start, end, slot])
+        num_rows = spans[-1][1] if spans else 0
+        return cls.from_segments(num_rows, [tuple(s) for s in segments], device)
+
+    @classmethod
+    def from_segments(
+        cls, num_rows: int, segments: Sequence[tuple[int, int, int]], device: torch.device | str = "cpu"
+    ) -> LoraSegments:
+        slots = [slot for _, _, slot in segments]
+        if len(set(slots)) != len(slots):
+            raise ValueError("each adapter's rows must form one contiguous segment")
+        covered = sum(e - s for s, e, _ in segments)
+        mean = -(-covered // max(len(segments), 1))
+        tile = min(MAX_TILE, max(MIN_TILE, 1 << max(mean - 1, 0).bit_length()))
+        tile_rows: list[list[int]] = []
+        tile_slots: list[int] = []
+        is_real: list[bool] = []
+        for start, end, slot in segments:
+            for t in range(start, end, tile):
+                rows = list(range(t, min(t + tile, end)))
+                tile_rows.append(rows + [t] * (tile - len(rows)))
+                tile_slots.append(slot)
+                is_real.extend([True] * len(rows) + [False] * (tile - len(rows)))
+        flat = torch.tensor(tile_rows, dtype=torch.long).reshape(-1)
+        valid = torch.tensor(is_real, dtype=torch.bool).nonzero().flatten()
+        return cls(
+            num_rows=num_rows,
+            segments=tuple(tuple(s) for s in segments),
+            tile=tile,
+            tile_rows=flat.reshape(len(tile_rows), tile).to(device),
+            tile_slots=torch.tensor(tile_slots, dtype=torch.long, device=device),
+            valid=valid.to(device),
+            valid_rows=flat[valid].to(device),
+        )
