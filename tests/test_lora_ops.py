@@ -63,7 +63,7 @@ def _per_row_reference(x, W, segments, weights):
 
 
 MIXES = ["distinct", "uniform", "zipf", "identical"]
-RANKS = [(8,), (1, 4, 16, 64)]
+RANKS = [(8,), (1, 4, 16, 64, 256)]
 
 
 @pytest.mark.parametrize("mix", MIXES)
