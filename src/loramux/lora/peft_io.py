@@ -37,7 +37,11 @@ _UNSUPPORTED = {
     "trainable_token_indices": (None,),
     "target_parameters": (None, []),
     "use_qalora": (False, None),
+    "use_bdlora": (False, None),
+    "alora_invocation_tokens": (None, []),  # aLoRA acts only after the invocation tokens
 }
+# These initialisations change the base weights too; their saved A/B are wrong on the untouched base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def load_peft_adapter(
@@ -86,6 +90,12 @@ def _config_from_peft(raw: dict, directory: Path) -> LoraConfig:
     for option, defaults in _UNSUPPORTED.items():
         if option in raw and raw[option] not in defaults:
             raise AdapterError(f"{directory}: {option}={raw[option]!r} is not supported by loramux")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise AdapterError(
+            f"{directory}: init_lora_weights={init!r} changes the base model; convert it to a plain LoRA "
+            f"first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
     targets = raw.get("target_modules")
     if isinstance(targets, str):
         # "all-linear", or a regex over full module names: the weights' keys say which linears it hit.
