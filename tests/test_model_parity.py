@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_tiny_hf, ours_from_hf
 from loramux.engine.batch import Batch, Chunk, RowKind
-from loramux.kv.sequence_cache import SequenceKV
+from loramux.kv.paged_cache import PagedKVCache
 
 CONFIGS = {
     "gqa-untied": dict(),
@@ -50,28 +50,47 @@ def test_flat_batch_logits_match_transformers(name):
 
 
 def test_cached_prefill_chunks_and_decode_match_full_forward():
-    """A prompt prefilled in two chunks and then decoded token by token through the KV cache gives
-    the logits of one full forward, while another sequence shares every step."""
+    """A prompt prefilled in two chunks and then decoded token by token through the paged KV cache
+    gives the logits of one full forward, while another sequence shares every step. Block size 4 with
+    shuffled block tables, so sequences span non-adjacent blocks."""
     hf = make_tiny_hf(seed=2)
     ours = ours_from_hf(hf)
     a, b = _sequences(hf.config.vocab_size, lengths=(12, 7), seed=3)
     reference_a, reference_b = _hf_logits(hf, a), _hf_logits(hf, b)
-    cache_a = SequenceKV(ours.config, 16, torch.float32, "cpu")
-    cache_b = SequenceKV(ours.config, 16, torch.float32, "cpu")
+    kv = PagedKVCache(ours.config, num_blocks=8, block_size=4, dtype=torch.float32, device="cpu")
+    blocks_a, blocks_b = [6, 1, 4], [0, 7]
     steps = [
-        [Chunk(a[:5], RowKind.PREFILL, None, 0, cache_a), Chunk(b[:4], RowKind.PREFILL, None, 0, cache_b)],
-        [Chunk(a[5:9], RowKind.PREFILL, None, 5, cache_a), Chunk(b[4:], RowKind.PREFILL, None, 4, cache_b)],
-    ] + [[Chunk([a[p]], RowKind.DECODE, None, p, cache_a)] for p in range(9, 12)]
+        [Chunk(a[:5], RowKind.PREFILL, None, 0, blocks_a), Chunk(b[:4], RowKind.PREFILL, None, 0, blocks_b)],
+        [Chunk(a[5:9], RowKind.PREFILL, None, 5, blocks_a), Chunk(b[4:], RowKind.PREFILL, None, 4, blocks_b)],
+    ] + [[Chunk([a[p]], RowKind.DECODE, None, p, blocks_a)] for p in range(9, 12)]
     got_a, got_b = [], []
     with torch.no_grad():
         for chunks in steps:
-            batch = Batch.build(chunks)
+            batch = Batch.build(chunks, kv)
             logits = ours.logits(ours(batch))
             for i, chunk in enumerate(chunks):
                 rows = batch.chunk_rows[i]
-                (got_a if chunk.cache is cache_a else got_b).append(logits[rows.start : rows.stop])
+                (got_a if chunk.block_table is blocks_a else got_b).append(logits[rows.start : rows.stop])
     assert (torch.cat(got_a) - reference_a).abs().max() <= 1e-4
     assert (torch.cat(got_b) - reference_b).abs().max() <= 1e-4
+
+
+def test_batched_decode_over_different_context_lengths():
+    """Decode rows of sequences with different cached lengths share one padded, masked attention call."""
+    hf = make_tiny_hf(seed=6)
+    ours = ours_from_hf(hf)
+    seqs = _sequences(hf.config.vocab_size, lengths=(3, 11, 6, 1), seed=4)
+    kv = PagedKVCache(ours.config, num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
+    tables = [[15, 2], [3, 9, 1], [5, 12], [8]]
+    prefill = [Chunk(s[:-1], RowKind.PREFILL, None, 0, t) for s, t in zip(seqs, tables) if len(s) > 1]
+    with torch.no_grad():
+        ours(Batch.build(prefill, kv))
+        decode = [Chunk(s[-1:], RowKind.DECODE if len(s) > 1 else RowKind.PREFILL, None, len(s) - 1, t) for s, t in zip(seqs, tables)]
+        batch = Batch.build(decode, kv)
+        assert batch.parts[0].attention.decode_rows.numel() == len(seqs)
+        logits = ours.logits(ours(batch))
+    for i, s in enumerate(seqs):
+        assert (logits[batch.chunk_rows[i].start] - _hf_logits(hf, s)[-1]).abs().max() <= 1e-4
 
 
 def test_bf16_logits_within_bf16_tolerance():

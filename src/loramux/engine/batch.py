@@ -10,7 +10,8 @@ token (DECODE), for one adapter or the base model.
 
 and, inside each part, groups rows by adapter so that every adapter owns one contiguous segment
 (the layout the segmented LoRA matmul needs). The model runs each part with its own grad mode, so
-rows that do not train keep no activations for backward (ARCHITECTURE.md, invariant 3).
+rows that do not train keep no activations for backward (ARCHITECTURE.md, invariant 3). Every
+index tensor the layers need (LoRA segments, KV slots, decode gathers) is built here, once per step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from loramux.lora.segments import LoraSegments
 
 if TYPE_CHECKING:
-    from loramux.kv.sequence_cache import SequenceKV
+    from loramux.kv.paged_cache import PagedKVCache
 
 
 class RowKind(enum.Enum):
@@ -46,50 +47,71 @@ class RowKind(enum.Enum):
 class Chunk:
     """One sequence's rows in a step.
 
-    token_ids: the new tokens (a whole sample for TRAIN/EVAL, a prompt piece for PREFILL, one token for DECODE).
-    adapter:   adapter slot from the registry, or None for the base model.
-    start_pos: how many tokens of this sequence precede the chunk (already in `cache`).
-    cache:     the sequence's KV cache; required for PREFILL/DECODE, absent for TRAIN/EVAL.
+    token_ids:   the new tokens (a whole sample for TRAIN/EVAL, a prompt piece for PREFILL, one token for DECODE).
+    adapter:     adapter slot from the registry, or None for the base model.
+    start_pos:   how many tokens of this sequence precede the chunk (already in its KV blocks).
+    block_table: the sequence's KV blocks, covering positions [0, start_pos + len(token_ids));
+                 required for PREFILL/DECODE, absent for TRAIN/EVAL.
     """
 
     token_ids: Sequence[int]
     kind: RowKind
     adapter: int | None = None
     start_pos: int = 0
-    cache: SequenceKV | None = None
+    block_table: Sequence[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.token_ids) == 0:
             raise ValueError("a chunk needs at least one token")
-        if self.kind.uses_cache != (self.cache is not None):
-            raise ValueError(f"{self.kind.value} chunks {'need' if self.kind.uses_cache else 'take no'} KV cache")
+        if self.kind.uses_cache != (self.block_table is not None):
+            raise ValueError(f"{self.kind.value} chunks {'need' if self.kind.uses_cache else 'take no'} KV blocks")
         if not self.kind.uses_cache and self.start_pos:
             raise ValueError(f"{self.kind.value} chunks start at position 0")
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + len(self.token_ids)
 
 
 @dataclass(frozen=True)
 class Span:
-    """Rows [start, end) of one sequence inside a part; attention stays within a span (and its cache)."""
+    """Rows [start, end) of one sequence inside a part, at positions [start_pos, start_pos + length).
+    context_slots: KV slots of positions [0, start_pos + length) for cached sequences, else None
+    (attention then runs over the span's own keys)."""
 
     start: int
     end: int
     start_pos: int
-    cache: SequenceKV | None
+    context_slots: torch.Tensor | None = None
 
-    @property
-    def length(self) -> int:
-        return self.end - self.start
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """What attention reads and writes, per part.
+
+    write_rows [W], write_slots [W]: rows whose K/V go into the cache, and where.
+    decode_rows [B]: single-token rows of cached sequences, attended in one batched call over
+    decode_slots [B, C] (each sequence's context slots, padded) with decode_mask [B, 1, 1, C].
+    spans: every other sequence (multi-token prefill chunks, TRAIN and EVAL samples), one call each.
+    """
+
+    write_rows: torch.Tensor
+    write_slots: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_slots: torch.Tensor
+    decode_mask: torch.Tensor
+    spans: tuple[Span, ...]
 
 
 @dataclass(frozen=True)
 class BatchPart:
-    """Rows that share a grad mode. Shapes: input_ids, positions [T] (long)."""
+    """Rows that share a grad mode. input_ids, positions: [T] long."""
 
     builds_graph: bool
     input_ids: torch.Tensor
     positions: torch.Tensor
-    spans: tuple[Span, ...]
     lora: LoraSegments
+    attention: AttentionPlan
 
     @property
     def num_rows(self) -> int:
@@ -98,23 +120,24 @@ class BatchPart:
 
 @dataclass(frozen=True)
 class Batch:
-    """A step: its parts (graph-building part first) and where each input chunk's rows landed.
-
-    chunk_rows[i] is the row range of the i-th chunk given to `build`, in the concatenation of the
-    parts' rows (the order of `model.forward`'s output).
-    """
+    """A step: its parts (graph-building part first), the KV cache its cached rows use, and where
+    each input chunk's rows landed: chunk_rows[i] is the row range of the i-th chunk given to
+    `build`, in the concatenation of the parts' rows (the order of `model.forward`'s output)."""
 
     parts: tuple[BatchPart, ...]
     chunk_rows: tuple[range, ...]
+    kv: PagedKVCache | None = None
 
     @property
     def num_rows(self) -> int:
         return sum(p.num_rows for p in self.parts)
 
     @classmethod
-    def build(cls, chunks: Sequence[Chunk], device: torch.device | str = "cpu") -> Batch:
+    def build(cls, chunks: Sequence[Chunk], kv: PagedKVCache | None = None, device: torch.device | str = "cpu") -> Batch:
         if not chunks:
             raise ValueError("a batch needs at least one chunk")
+        if kv is None and any(c.block_table is not None for c in chunks):
+            raise ValueError("PREFILL/DECODE chunks need the KV cache their blocks belong to")
         # Stable sort: graph-building first, then by adapter (base-model rows last).
         order = sorted(
             range(len(chunks)),
@@ -127,26 +150,58 @@ class Batch:
             members = [i for i in order if chunks[i].kind.builds_graph == builds_graph]
             if not members:
                 continue
-            ids: list[int] = []
-            positions: list[int] = []
-            spans = []
-            adapters = []
+            part = _build_part([chunks[i] for i in members], builds_graph, kv, device)
+            starts = [0]
             for i in members:
-                c = chunks[i]
-                start = len(ids)
-                ids.extend(c.token_ids)
-                positions.extend(range(c.start_pos, c.start_pos + len(c.token_ids)))
-                spans.append(Span(start, len(ids), c.start_pos, c.cache))
-                adapters.append(c.adapter)
-                chunk_rows[i] = range(offset + start, offset + len(ids))
-            parts.append(
-                BatchPart(
-                    builds_graph=builds_graph,
-                    input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-                    positions=torch.tensor(positions, dtype=torch.long, device=device),
-                    spans=tuple(spans),
-                    lora=LoraSegments.from_spans([(s.start, s.end) for s in spans], adapters, device),
-                )
-            )
-            offset += len(ids)
-        return cls(parts=tuple(parts), chunk_rows=tuple(chunk_rows))
+                starts.append(starts[-1] + len(chunks[i].token_ids))
+            for j, i in enumerate(members):
+                chunk_rows[i] = range(offset + starts[j], offset + starts[j + 1])
+            parts.append(part)
+            offset += part.num_rows
+        return cls(parts=tuple(parts), chunk_rows=tuple(chunk_rows), kv=kv)
+
+
+def _build_part(chunks: list[Chunk], builds_graph: bool, kv: PagedKVCache | None, device) -> BatchPart:
+    ids: list[int] = []
+    positions: list[int] = []
+    bounds: list[tuple[int, int]] = []
+    write_rows: list[int] = []
+    write_slots: list[int] = []
+    decode_rows: list[int] = []
+    decode_contexts: list[list[int]] = []
+    spans: list[Span] = []
+    for c in chunks:
+        start = len(ids)
+        ids.extend(c.token_ids)
+        positions.extend(range(c.start_pos, c.end_pos))
+        bounds.append((start, len(ids)))
+        if c.block_table is None:
+            spans.append(Span(start, len(ids), 0))
+            continue
+        write_rows.extend(range(start, len(ids)))
+        write_slots.extend(kv.slots(list(c.block_table), c.start_pos, c.end_pos))
+        context = kv.slots(list(c.block_table), 0, c.end_pos)
+        if len(c.token_ids) == 1:
+            decode_rows.append(start)
+            decode_contexts.append(context)
+        else:
+            spans.append(Span(start, len(ids), c.start_pos, torch.tensor(context, dtype=torch.long, device=device)))
+    width = max((len(ctx) for ctx in decode_contexts), default=0)
+    padded = [ctx + [0] * (width - len(ctx)) for ctx in decode_contexts]
+    mask = [[True] * len(ctx) + [False] * (width - len(ctx)) for ctx in decode_contexts]
+    long = dict(dtype=torch.long, device=device)
+    attention = AttentionPlan(
+        write_rows=torch.tensor(write_rows, **long),
+        write_slots=torch.tensor(write_slots, **long),
+        decode_rows=torch.tensor(decode_rows, **long),
+        decode_slots=torch.tensor(padded, **long).reshape(len(padded), width),
+        decode_mask=torch.tensor(mask, dtype=torch.bool, device=device).reshape(len(mask), 1, 1, width),
+        spans=tuple(spans),
+    )
+    return BatchPart(
+        builds_graph=builds_graph,
+        input_ids=torch.tensor(ids, **long),
+        positions=torch.tensor(positions, **long),
+        lora=LoraSegments.from_spans(bounds, [c.adapter for c in chunks], device),
+        attention=attention,
+    )

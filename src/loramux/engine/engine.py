@@ -1,24 +1,32 @@
-"""The user-facing engine: one frozen base model, many adapters, mixed-adapter generation.
+"""The engine: one frozen base model, many adapters, continuous batching over a paged KV cache.
 
-    engine = Engine.load()                        # the default model
+    engine = Engine.load()                                   # the default model
     engine.load_adapter("poet", "path/to/peft_dir")
     outs = engine.generate(["Hi", "Hello"], adapters=[None, "poet"], max_tokens=16)
+    for out in engine.stream("Tell me a story", adapter="poet", max_tokens=64):
+        print(out.new_text, end="")
 
-`generate` runs whole steps over a flat mixed batch: one PREFILL step for every prompt, then DECODE
-steps for the sequences still running; each sequence has its own KV cache.
+Every `step()` runs the scheduler, one forward pass over a flat batch of PREFILL and DECODE rows of
+any adapters, samples the next token of every sequence that reached its end, and returns what each
+request produced. Requests join (`add_request`) and leave (finish, `abort`) between any two steps.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from dataclasses import dataclass
-from typing import Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
 
 from loramux.engine.batch import Batch, Chunk, RowKind
-from loramux.engine.sampling import SamplingParams, sample_next
-from loramux.kv.sequence_cache import SequenceKV
+from loramux.engine.detokenizer import TextStream
+from loramux.engine.requests import SLO, Request, RequestMetrics, RequestOutput, RequestState
+from loramux.engine.sampling import SamplingParams, TokenLogprob, sample_next
+from loramux.engine.scheduler import Scheduler, SchedulerConfig
+from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.adapter import LoraAdapter, LoraConfig
 from loramux.lora.peft_io import load_peft_adapter, save_peft_adapter
 from loramux.lora.registry import AdapterRegistry
@@ -35,6 +43,15 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """kv_cache_memory: bytes for the paged KV pool (its block count follows). block_size: tokens per block."""
+
+    kv_cache_memory: int = 512 * 2**20
+    block_size: int = 16
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
 @dataclass
 class Generation:
     """One prompt's result. token_ids are the generated ids only."""
@@ -42,20 +59,29 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (end of sequence or stop token) or "length" (max_tokens)
+    finish_reason: str  # "stop" (end of sequence, stop token or stop string) or "length"
     adapter: str | None
+    logprobs: list[TokenLogprob] | None = None
+    metrics: RequestMetrics | None = None
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.adapters = AdapterRegistry(self.model)
+        self.kv = PagedKVCache.from_memory(
+            self.model.config, self.config.kv_cache_memory, self.config.block_size, self.model.dtype, self.model.device
+        )
+        self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        self.requests: dict[str, Request] = {}
+        self._order = itertools.count()
         eos = set(loaded.config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = tuple(sorted(eos))
 
     @classmethod
     def load(
@@ -65,9 +91,10 @@ class Engine:
         cache: str | os.PathLike | None = None,
         dtype: str | torch.dtype = "float32",
         device: str = "cpu",
+        config: EngineConfig | None = None,
     ) -> Engine:
         """Loads a base model: None for the default SmolLM2-135M-Instruct, a HF directory, or a .gguf."""
-        return cls(load_model(model, cache=cache, dtype=parse_dtype(dtype), device=device))
+        return cls(load_model(model, cache=cache, dtype=parse_dtype(dtype), device=device), config)
 
     @property
     def model_name(self) -> str:
@@ -93,6 +120,8 @@ class Engine:
         save_peft_adapter(self.adapters.get(name), path, base_model=self.model_name)
 
     def unload_adapter(self, name: str) -> None:
+        if any(r.adapter == name for r in self.requests.values()):
+            raise ValueError(f"adapter {name!r} has requests in flight; abort or finish them first")
         self.adapters.remove(name)
 
     # --- prompts --------------------------------------------------------------------------------
@@ -104,7 +133,143 @@ class Engine:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(prompt)["input_ids"])
 
-    # --- generation -----------------------------------------------------------------------------
+    # --- requests -------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        *,
+        chat: bool = False,
+        slo: SLO | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Queues a request; it joins the running batch at a coming step. Raises ValueError for a bad
+        request (unknown adapter, too long, empty) and QueueFullError when the queue is at its bound."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompt, chat) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        limit = self.model.config.max_position_embeddings
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise ValueError(
+                f"this model's context is {limit} tokens; the prompt has {len(prompt_ids)} and max_tokens is {params.max_tokens}"
+            )
+        order = next(self._order)
+        request_id = request_id or f"req-{order}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is in use")
+        request = Request(
+            id=request_id,
+            order=order,
+            prompt_ids=prompt_ids,
+            adapter=adapter,
+            slot=self.adapters.slot(adapter),
+            params=params,
+            slo=slo or self.config.scheduler.default_slo,
+            metrics=RequestMetrics(arrival=time.perf_counter()),
+            text=TextStream(self.tokenizer, params.stop),
+            generator=params.generator(),
+        )
+        self.scheduler.add(request)
+        self.requests[request_id] = request
+        return request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancels a request at once: its KV blocks are free before this returns."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.remove(request)
+        request.state, request.finish_reason = RequestState.FINISHED, "abort"
+        request.metrics.finished = time.perf_counter()
+        return RequestOutput(request.id, (), "", True, "abort", metrics=request.metrics)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduled forward pass; returns what each request that produced a token emitted."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return []
+        started = time.perf_counter()
+        chunks = [
+            Chunk(
+                c.request.tokens(c.start, c.end),
+                RowKind.DECODE if c.end - c.start == 1 and c.start > 0 else RowKind.PREFILL,
+                c.request.slot,
+                c.start,
+                c.request.block_table,
+            )
+            for c in scheduled.chunks
+        ]
+        batch = Batch.build(chunks, self.kv, self.model.device)
+        sampled = [i for i, c in enumerate(scheduled.chunks) if c.samples]
+        with torch.inference_mode():
+            hidden = self.model(batch)
+            rows = torch.tensor([batch.chunk_rows[i].stop - 1 for i in sampled], device=hidden.device)
+            logits = self.model.logits(hidden[rows]) if sampled else None
+        for c in scheduled.chunks:
+            c.request.num_computed = c.end
+        outputs = [self._append_token(scheduled.chunks[i].request, logits[j]) for j, i in enumerate(sampled)]
+        self.scheduler.cost.record(batch.num_rows, time.perf_counter() - started)
+        return outputs
+
+    def _append_token(self, request: Request, logits: torch.Tensor) -> RequestOutput:
+        params = request.params
+        ends = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
+        blocked = ends if len(request.output_ids) < params.min_tokens else ()
+        token, logprob = sample_next(logits, params, request.generator, request.prompt_ids, request.output_ids, blocked)
+        now = time.perf_counter()
+        request.output_ids.append(token)
+        request.metrics.num_output_tokens = len(request.output_ids)
+        if request.metrics.first_token is None:
+            request.metrics.first_token = now
+        reason = None
+        new_text = ""
+        if token in ends:
+            reason = "stop"
+        else:
+            new_text, stopped = request.text.push(token)
+            if stopped:
+                reason = "stop"
+            elif len(request.output_ids) >= params.max_tokens:
+                reason = "length"
+        if reason is not None:
+            new_text += request.text.finish()
+            request.state, request.finish_reason = RequestState.FINISHED, reason
+            request.metrics.finished = now
+            self.scheduler.remove(request)
+            self.requests.pop(request.id, None)
+        return RequestOutput(
+            request.id, (token,), new_text, reason is not None, reason,
+            (logprob,) if logprob is not None else (), request.metrics,
+        )
+
+    # --- conveniences ---------------------------------------------------------------------------
+    def stream(
+        self, prompt: str | Sequence[int], adapter: str | None = None, *, chat: bool = False, slo: SLO | None = None, **sampling
+    ) -> Iterator[RequestOutput]:
+        """Yields one request's outputs as they are produced, stepping the engine (other requests
+        progress too). Closing the iterator early aborts the request."""
+        request = self.add_request(prompt, adapter, SamplingParams(**sampling), chat=chat, slo=slo)
+        finished = False
+        try:
+            while not finished:
+                for out in self.step():
+                    if out.request_id == request.id:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.abort(request.id)
+
     def generate(
         self,
         prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -114,7 +279,7 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         **sampling: object,
     ) -> list[Generation]:
-        """Generates for every prompt (text, or token ids) in one mixed-adapter batch.
+        """Generates for every prompt (text, or token ids), all sharing the engine's steps.
 
         adapters: one name (or None: the base model) for all prompts, or one per prompt.
         params: SamplingParams for all or per prompt; or pass max_tokens=..., temperature=..., etc.
@@ -123,54 +288,30 @@ class Engine:
         names = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * n
         if len(names) != n:
             raise ValueError(f"got {n} prompts but {len(names)} adapters")
-        if params is None:
-            params = SamplingParams(**sampling)
-        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * n
-        prompt_ids = [p if not isinstance(p, str) else self.encode(p, chat) for p in prompts]
-        slots = [self.adapters.slot(name) for name in names]
-        for ids in prompt_ids:
-            if not ids:
-                raise ValueError("a prompt must have at least one token")
-        limit = self.model.config.max_position_embeddings
-        for ids, sp in zip(prompt_ids, per_prompt):
-            if len(ids) + sp.max_tokens > limit:
-                raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {sp.max_tokens} exceeds the context of {limit}")
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams(**sampling)] * n
+        for name in names:
+            self.adapters.slot(name)  # unknown names fail before anything runs
+        requests: list[Request | None] = [None] * n
+        results: dict[str, list[RequestOutput]] = {}
+        next_prompt = 0
+        while next_prompt < n or any(r is not None and r.id in self.requests for r in requests):
+            while next_prompt < n and len(self.scheduler.waiting) < self.config.scheduler.max_waiting:
+                requests[next_prompt] = self.add_request(prompts[next_prompt], names[next_prompt], per_prompt[next_prompt], chat=chat)
+                results[requests[next_prompt].id] = []
+                next_prompt += 1
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].append(out)
+        return [self._generation(r, results[r.id]) for r in requests]
 
-        caches = [SequenceKV(self.model.config, len(ids) + sp.max_tokens, self.model.dtype, self.model.device)
-                  for ids, sp in zip(prompt_ids, per_prompt)]
-        generators = [sp.generator() for sp in per_prompt]
-        outputs: list[list[int]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        chunks = {i: Chunk(prompt_ids[i], RowKind.PREFILL, slots[i], 0, caches[i]) for i in range(n)}
-        with torch.inference_mode():
-            while chunks:
-                order = list(chunks)
-                batch = Batch.build([chunks[i] for i in order], self.model.device)
-                hidden = self.model(batch)
-                last_rows = torch.tensor([batch.chunk_rows[j].stop - 1 for j in range(len(order))], device=hidden.device)
-                logits = self.model.logits(hidden[last_rows])
-                chunks = {}
-                for j, i in enumerate(order):
-                    token = sample_next(logits[j], per_prompt[i], generators[i])
-                    outputs[i].append(token)
-                    finish[i] = self._finish_reason(token, len(outputs[i]), per_prompt[i])
-                    if finish[i] is None:
-                        pos = len(prompt_ids[i]) + len(outputs[i]) - 1
-                        chunks[i] = Chunk([token], RowKind.DECODE, slots[i], pos, caches[i])
-        return [
-            Generation(
-                text=self.tokenizer.decode(outputs[i], skip_special_tokens=True),
-                token_ids=outputs[i],
-                prompt_token_ids=list(prompt_ids[i]),
-                finish_reason=finish[i] or "length",
-                adapter=names[i],
-            )
-            for i in range(n)
-        ]
-
-    def _finish_reason(self, token: int, num_generated: int, params: SamplingParams) -> str | None:
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-            return "stop"
-        if num_generated >= params.max_tokens:
-            return "length"
-        return None
+    def _generation(self, request: Request, outputs: list[RequestOutput]) -> Generation:
+        logprobs = [lp for o in outputs for lp in o.new_logprobs] if request.params.logprobs is not None else None
+        return Generation(
+            text="".join(o.new_text for o in outputs),
+            token_ids=list(request.output_ids),
+            prompt_token_ids=list(request.prompt_ids),
+            finish_reason=request.finish_reason or "length",
+            adapter=request.adapter,
+            logprobs=logprobs,
+            metrics=request.metrics,
+        )

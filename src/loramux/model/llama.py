@@ -17,6 +17,7 @@ from torch import nn
 
 from loramux.config import ATTENTION_LINEARS, ModelConfig
 from loramux.engine.batch import Batch, BatchPart
+from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.layer import MultiLoraLinear
 from loramux.model.rope import apply_rotary, inverse_frequencies, rotary_tables
 
@@ -34,11 +35,11 @@ class RMSNorm(nn.Module):
 
 
 class StepContext:
-    """Per-part values every layer needs, computed once per forward: the part, rotary tables, the
-    adapters' weights version."""
+    """Per-part values every layer needs, computed once per forward: the part, the KV cache, rotary
+    tables, the adapters' weights version."""
 
-    def __init__(self, part: BatchPart, cos: torch.Tensor, sin: torch.Tensor, weights_version: int) -> None:
-        self.part, self.cos, self.sin, self.weights_version = part, cos, sin, weights_version
+    def __init__(self, part: BatchPart, kv: PagedKVCache | None, cos: torch.Tensor, sin: torch.Tensor, weights_version: int) -> None:
+        self.part, self.kv, self.cos, self.sin, self.weights_version = part, kv, cos, sin, weights_version
 
     def linear(self, layer: MultiLoraLinear, x: torch.Tensor) -> torch.Tensor:
         return layer(x, self.part.lora, self.part.builds_graph, self.weights_version)
@@ -61,18 +62,27 @@ class Attention(nn.Module):
         k = ctx.linear(self.k_proj, x).view(T, self.num_kv_heads, self.head_dim)
         v = ctx.linear(self.v_proj, x).view(T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        outputs = []
-        for span in ctx.part.spans:
-            qs = q[span.start : span.end].transpose(0, 1)  # [heads, L, D]
-            if span.cache is None:
-                ks = k[span.start : span.end].transpose(0, 1)
-                vs = v[span.start : span.end].transpose(0, 1)
+        plan = ctx.part.attention
+        if plan.write_rows.numel():
+            ctx.kv.write(self.layer_idx, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
+        out = q.new_empty(T, self.num_heads, self.head_dim)
+        if plan.decode_rows.numel():
+            # [B, heads, 1, D] over each sequence's cached context [B, kv_heads, C, D], padded and masked
+            keys = ctx.kv.k[self.layer_idx][plan.decode_slots].transpose(1, 2)
+            values = ctx.kv.v[self.layer_idx][plan.decode_slots].transpose(1, 2)
+            attended = F.scaled_dot_product_attention(
+                q[plan.decode_rows].unsqueeze(2), keys, values, attn_mask=plan.decode_mask, enable_gqa=True
+            )
+            out[plan.decode_rows] = attended.squeeze(2)
+        for span in plan.spans:
+            rows = slice(span.start, span.end)
+            if span.context_slots is None:
+                ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             else:
-                ks, vs = span.cache.write_and_read(
-                    self.layer_idx, span.start_pos, k[span.start : span.end], v[span.start : span.end]
-                )
-            outputs.append(_causal_attention(qs, ks, vs, span.start_pos).transpose(0, 1))
-        return ctx.linear(self.o_proj, torch.cat(outputs).reshape(T, -1))
+                ks = ctx.kv.k[self.layer_idx][span.context_slots].transpose(0, 1)
+                vs = ctx.kv.v[self.layer_idx][span.context_slots].transpose(0, 1)
+            out[rows] = _causal_attention(q[rows].transpose(0, 1), ks, vs, span.start_pos).transpose(0, 1)
+        return ctx.linear(self.o_proj, out.reshape(T, -1))
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -145,13 +155,13 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns the final-normed hidden states [num_rows, hidden] of all rows of the batch."""
-        hidden = [self._forward_part(part) for part in batch.parts]
+        hidden = [self._forward_part(part, batch.kv) for part in batch.parts]
         return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
 
-    def _forward_part(self, part: BatchPart) -> torch.Tensor:
+    def _forward_part(self, part: BatchPart, kv: PagedKVCache | None) -> torch.Tensor:
         with torch.set_grad_enabled(part.builds_graph and torch.is_grad_enabled()):
             cos, sin = rotary_tables(part.positions, self.inv_freq, self.dtype)
-            ctx = StepContext(part, cos, sin, self.weights_version)
+            ctx = StepContext(part, kv, cos, sin, self.weights_version)
             x = self.model.embed_tokens(part.input_ids)
             for layer in self.model.layers:
                 x = layer(x, ctx)
