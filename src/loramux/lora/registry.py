@@ -44,6 +44,8 @@ class AdapterRegistry:
                 raise AdapterError(f"adapter {adapter.name!r} is {A.dtype} on {A.device}; the model is {self.model.dtype} on {self.model.device}")
         used = set(self._slots.values())
         slot = next(s for s in range(len(used) + 1) if s not in used)
+        if any(slot in self.model.linear(*key).adapters for key in adapter.weights):
+            raise RuntimeError("the model's linears hold adapters this registry did not add: one model, one registry")
         for key in adapter.weights:
             self.model.linear(*key).set_adapter(slot, adapter.layer_weights(key))
         self._adapters[adapter.name], self._slots[adapter.name] = adapter, slot
