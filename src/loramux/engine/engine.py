@@ -14,6 +14,7 @@ request produced. Requests join (`add_request`) and leave (finish, `abort`) betw
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 import os
 import time
 from dataclasses import dataclass, field
@@ -218,7 +219,10 @@ class Engine:
         for c in scheduled.chunks:
             c.request.num_computed = c.end
         outputs = [self._append_token(scheduled.chunks[i].request, logits[j]) for j, i in enumerate(sampled)]
-        self.scheduler.cost.record(batch.num_rows, time.perf_counter() - started)
+        row_counts = Counter()
+        for chunk in chunks:
+            row_counts[chunk.kind] += len(chunk.token_ids)
+        self.scheduler.cost.record(row_counts, time.perf_counter() - started)
         return outputs
 
     def _append_token(self, request: Request, logits: torch.Tensor) -> RequestOutput:

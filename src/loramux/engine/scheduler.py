@@ -6,6 +6,11 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from typing import Mapping
+
+import torch
+
+from loramux.engine.batch import RowKind
 from loramux.engine.requests import SLO, Request, RequestState
 from loramux.kv.paged_cache import PagedKVCache
 
@@ -39,34 +44,52 @@ class SchedulerConfig:
 
 
 class StepCostModel:
-    """Step seconds ~= fixed + per_row * rows, a least-squares fit over the last `window` steps."""
+    """Step seconds ~= fixed + sum over row kinds of (seconds per row of that kind * rows of it).
 
-    def __init__(self, window: int = 64) -> None:
-        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+    Fitted by least squares over the last `window` steps, with a light ridge pull of every kind's
+    rate toward the pooled seconds-per-row, so a kind seen rarely (or always alongside another)
+    still gets a sensible rate.
+    """
 
-    def record(self, rows: int, seconds: float) -> None:
-        self.samples.append((rows, seconds))
+    KINDS = tuple(RowKind)
 
-    def fit(self) -> tuple[float, float] | None:
-        """(fixed seconds, seconds per row), or None before there is anything to fit."""
+    def __init__(self, window: int = 64, ridge: float = 0.5) -> None:
+        self.num_kinds = len(self.KINDS)
+        self.ridge = ridge
+        self.samples: deque[tuple[tuple[int, ...], float]] = deque(maxlen=window)
+
+    def record(self, rows: Mapping[RowKind, int], seconds: float) -> None:
+        self.samples.append((self._counts(rows), seconds))
+
+    def _counts(self, rows: Mapping[RowKind, int]) -> tuple[int, ...]:
+        return tuple(rows.get(kind, 0) for kind in self.KINDS)
+
+    def fit(self) -> tuple[float, tuple[float, ...]] | None:
+        """(fixed seconds, seconds per row of each kind in KINDS order), or None before any step."""
         if not self.samples:
             return None
-        n = len(self.samples)
-        mean_x = sum(x for x, _ in self.samples) / n
-        mean_y = sum(y for _, y in self.samples) / n
-        var = sum((x - mean_x) ** 2 for x, _ in self.samples)
-        if var == 0:  # all steps the same size: attribute the time to rows
-            return 0.0, mean_y / max(mean_x, 1)
-        slope = max(sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var, 1e-9)
-        return max(mean_y - slope * mean_x, 0.0), slope
+        X = torch.tensor([[1.0, *c] for c, _ in self.samples], dtype=torch.float64)
+        y = torch.tensor([s for _, s in self.samples], dtype=torch.float64)
+        pooled = float(y.sum() / X[:, 1:].sum().clamp(min=1.0))
+        prior = torch.tensor([0.0] + [pooled] * self.num_kinds, dtype=torch.float64)
+        # ridge toward the prior, worth `ridge` samples of each kind: negligible for kinds seen
+        # often, decisive for kinds never seen (their column is all zeros)
+        scale = torch.diag(torch.cat([torch.tensor([1e-9], dtype=torch.float64), self.ridge * (X[:, 1:] ** 2).mean(0) + 1e-9]))
+        coef = torch.linalg.solve(X.T @ X + scale, X.T @ y + scale @ prior)
+        rates = tuple(max(float(r), 1e-3 * pooled, 1e-7) for r in coef[1:])
+        return max(float(coef[0]), 0.0), rates
 
-    def predict(self, rows: int) -> float | None:
+    def predict(self, rows: Mapping[RowKind, int]) -> float | None:
         fit = self.fit()
-        return None if fit is None else fit[0] + fit[1] * rows
+        return None if fit is None else fit[0] + sum(r * n for r, n in zip(fit[1], self._counts(rows)))
 
-    def max_rows_within(self, seconds: float) -> int | None:
+    def max_rows_within(self, seconds: float, kind: RowKind, beside: Mapping[RowKind, int]) -> int | None:
+        """How many rows of `kind` fit in `seconds` in a step that also carries `beside`."""
         fit = self.fit()
-        return None if fit is None else int((seconds - fit[0]) / fit[1])
+        if fit is None:
+            return None
+        used = fit[0] + sum(r * n for r, n in zip(fit[1], self._counts(beside)))
+        return max(int((seconds - used) / fit[1][self.KINDS.index(kind)]), 0)
 
 
 @dataclass(frozen=True)
@@ -124,18 +147,18 @@ class Scheduler:
             self.waiting.remove(request)
         self._free(request)
 
-    def token_budget(self) -> int:
-        """Rows for the next step: what the cost model says fits in the tightest TPOT target of the
-        running requests (all of max_step_tokens while nothing is running or nothing is measured)."""
+    def rows_within_target(self, kind: RowKind, beside: Mapping[RowKind, int]) -> int:
+        """Rows of `kind` the next step may carry beside `beside` so that it fits the tightest TPOT
+        target of the running requests (max_step_tokens while nothing runs or nothing is measured)."""
         cfg = self.config
+        room = cfg.max_step_tokens - sum(beside.values())
         if not self.running:
-            return cfg.max_step_tokens
+            return room
         target = cfg.step_time_share * min(r.slo.tpot for r in self.running)
-        fits = self.cost.max_rows_within(target)
-        return cfg.max_step_tokens if fits is None else max(1, min(fits, cfg.max_step_tokens))
+        fits = self.cost.max_rows_within(target, kind, beside)
+        return room if fits is None else min(fits, room)
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.token_budget()
         preempted: list[Request] = []
         chunks: list[ScheduledChunk] = []
         # 1. Decodes, oldest first; when blocks run out, preempt the newest running request.
@@ -151,8 +174,11 @@ class Scheduler:
             if request.state is RequestState.RUNNING:
                 chunks.append(ScheduledChunk(request, request.num_computed, request.num_tokens))
         # 2. Prefill chunks by deadline: partly prefilled running requests, then waiting ones.
-        prefill_budget = max(budget - len(chunks), self.config.min_prefill_tokens)
-        candidates = [r for r in self.running if r.num_pending > 1] + sorted(self.waiting, key=Request.deadline)
+        budget = self.rows_within_target(RowKind.PREFILL, {RowKind.DECODE: len(chunks)})
+        prefill_budget = max(budget, self.config.min_prefill_tokens)
+        # After a preemption memory is short: admit nobody new this step (the preempted would thrash).
+        waiting = [] if preempted else list(self.waiting)
+        candidates = [r for r in self.running if r.num_pending > 1] + waiting
         for request in sorted(candidates, key=Request.deadline):
             if prefill_budget <= 0:
                 break

@@ -1,0 +1,112 @@
+"""The scheduler's decisions on hand-made requests (no model runs)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import make_tiny_hf, ours_from_hf
+from loramux.engine.batch import RowKind
+from loramux.engine.requests import SLO, Request, RequestMetrics, RequestState
+from loramux.engine.sampling import SamplingParams
+from loramux.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, StepCostModel
+from loramux.kv.paged_cache import PagedKVCache
+
+CONFIG = ours_from_hf(make_tiny_hf()).config
+
+
+def _request(order: int, prompt_len: int, arrival: float = 0.0, max_tokens: int = 8, ttft: float = 2.0) -> Request:
+    return Request(
+        id=f"r{order}", order=order, prompt_ids=[1] * prompt_len, adapter=None, slot=None,
+        params=SamplingParams(max_tokens=max_tokens), slo=SLO(ttft=ttft, tpot=0.25),
+        metrics=RequestMetrics(arrival=arrival), text=None, generator=torch.Generator(),
+    )
+
+
+def _scheduler(num_blocks=16, block_size=4, **cfg) -> Scheduler:
+    return Scheduler(SchedulerConfig(**cfg), PagedKVCache(CONFIG, num_blocks, block_size, torch.float32, "cpu"))
+
+
+def _run(scheduler: Scheduler, out) -> None:
+    """What the engine does after a forward: advance computed counts, append a token when sampled."""
+    for c in out.chunks:
+        c.request.num_computed = c.end
+        if c.samples:
+            c.request.output_ids.append(7)
+
+
+def test_cost_model_recovers_per_kind_rates():
+    model = StepCostModel()
+    rng = random.Random(0)
+    for _ in range(64):
+        decode, prefill = rng.randint(0, 32), rng.randint(0, 256)
+        model.record({RowKind.DECODE: decode, RowKind.PREFILL: prefill}, 0.02 + 0.004 * decode + 0.001 * prefill)
+    fixed, rates = model.fit()
+    kinds = StepCostModel.KINDS
+    assert fixed == pytest.approx(0.02, abs=2e-3)
+    assert rates[kinds.index(RowKind.DECODE)] == pytest.approx(0.004, rel=0.05)
+    assert rates[kinds.index(RowKind.PREFILL)] == pytest.approx(0.001, rel=0.05)
+    # 0.2 s beside 10 decode rows leaves (0.2 - 0.02 - 0.04) / 0.001 = 140 prefill rows
+    assert model.max_rows_within(0.2, RowKind.PREFILL, {RowKind.DECODE: 10}) == pytest.approx(140, abs=3)
+
+
+def test_long_prompt_is_prefilled_in_chunks_then_decodes():
+    s = _scheduler(max_prefill_chunk=8)
+    r = _request(0, prompt_len=20)
+    s.add(r)
+    spans = []
+    for _ in range(4):
+        out = s.schedule()
+        spans.append([(c.start, c.end, c.samples) for c in out.chunks])
+        _run(s, out)
+    assert spans == [[(0, 8, False)], [(8, 16, False)], [(16, 20, True)], [(20, 21, True)]]
+    assert len(r.block_table) == s.kv.blocks_for(21)
+
+
+def test_decodes_come_first_and_prefill_follows_deadlines():
+    s = _scheduler(num_blocks=64)
+    running = _request(0, 4, arrival=0.0)
+    s.add(running)
+    _run(s, s.schedule())  # prefilled, now decoding
+    late_deadline = _request(1, 4, arrival=1.0, ttft=5.0)
+    early_deadline = _request(2, 4, arrival=2.0, ttft=0.5)
+    s.add(late_deadline)
+    s.add(early_deadline)
+    out = s.schedule()
+    assert [c.request.id for c in out.chunks] == ["r0", "r2", "r1"]
+    assert out.chunks[0].end - out.chunks[0].start == 1
+
+
+def test_out_of_blocks_preempts_the_newest_and_frees_its_blocks():
+    s = _scheduler(num_blocks=4, block_size=4)
+    old, new = _request(0, 4, arrival=0.0), _request(1, 4, arrival=1.0)
+    for r in (old, new):
+        s.add(r)
+    _run(s, s.schedule())  # both prefilled: one block each, 2 free
+    for _ in range(4):  # decoding grows both into a second block; then the third needs more
+        _run(s, s.schedule())
+    assert s.kv.allocator.num_free == 0
+    out = s.schedule()  # old needs a 3rd block (position 8): new is preempted
+    assert out.preempted == [new] and new.state is RequestState.WAITING and new.num_computed == 0
+    assert new.block_table == [] and [c.request for c in out.chunks] == [old]
+    assert s.waiting[0] is new
+
+
+def test_queue_bound_and_capacity_are_enforced():
+    s = _scheduler(num_blocks=2, block_size=4, max_waiting=1)
+    with pytest.raises(ValueError, match="exceeds the KV cache capacity of 8 tokens"):
+        s.add(_request(0, 5, max_tokens=4))
+    s.add(_request(1, 2, max_tokens=4))
+    with pytest.raises(QueueFullError):
+        s.add(_request(2, 2, max_tokens=4))
+
+
+def test_max_running_holds_new_requests_back():
+    s = _scheduler(num_blocks=64, max_running=2)
+    rs = [_request(i, 4, arrival=i) for i in range(3)]
+    for r in rs:
+        s.add(r)
+    out = s.schedule()
+    assert {c.request.id for c in out.chunks} == {"r0", "r1"} and rs[2] in s.waiting
