@@ -92,8 +92,14 @@ def test_rows_without_adapter_get_the_base_output_alone():
         assert torch.equal(y[first_base_row:], (x @ W.T)[first_base_row:])
 
 
+@pytest.fixture
+def always_tiled(monkeypatch):
+    """The layer picks the tiled path for any number of segments."""
+    monkeypatch.setattr("loramux.lora.layer.TILED_MIN_SEGMENTS", 1)
+
+
 @pytest.mark.parametrize("mix", MIXES)
-def test_layer_paths_agree_and_skip_adapters_not_on_this_linear(mix):
+def test_layer_paths_agree_and_skip_adapters_not_on_this_linear(mix, always_tiled):
     x, W, seg, weights = _setup(mix, (2, 8))
     layer = MultiLoraLinear(IN, OUT, bias=False, name="q_proj", layer_idx=0)
     with torch.no_grad():
@@ -109,7 +115,7 @@ def test_layer_paths_agree_and_skip_adapters_not_on_this_linear(mix):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
-def test_layer_sees_in_place_weight_updates_through_version():
+def test_layer_sees_in_place_weight_updates_through_version(always_tiled):
     x, W, seg, weights = _setup("uniform", (4,))
     layer = MultiLoraLinear(IN, OUT, bias=False, name="q_proj", layer_idx=0)
     with torch.no_grad():

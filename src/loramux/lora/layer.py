@@ -9,8 +9,9 @@ from torch import nn
 from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 
-# Below this many segments the per-segment loop is as fast as the tiled batched path.
-TILED_MIN_SEGMENTS = 3
+# Below this many segments the per-segment loop is as fast as the tiled batched path on CPU
+# (benchmarks/lora_ops.py: tiled wins in bf16 from 16 adapters, ties or loses below).
+TILED_MIN_SEGMENTS = 16
 
 
 class MultiLoraLinear(nn.Module):
