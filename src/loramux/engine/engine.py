@@ -14,6 +14,7 @@ request produced. Requests join (`add_request`) and leave (finish, `abort`) betw
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 import os
 import time
@@ -32,6 +33,11 @@ from loramux.lora.adapter import LoraAdapter, LoraConfig
 from loramux.lora.peft_io import load_peft_adapter, save_peft_adapter
 from loramux.lora.registry import AdapterRegistry
 from loramux.model.loader import LoadedModel, load_model
+from loramux.training.checkpoint import latest_checkpoint, restore_checkpoint
+from loramux.training.config import TrainingConfig
+from loramux.training.data import Sample, load_samples, parse_jsonl, tokenize
+from loramux.training.job import TrainingJob
+from loramux.training.trainer import Trainer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -77,6 +83,7 @@ class Engine:
             self.model.config, self.config.kv_cache_memory, self.config.block_size, self.model.dtype, self.model.device
         )
         self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        self.trainer = Trainer(self.model)
         self.requests: dict[str, Request] = {}
         self._order = itertools.count()
         eos = set(loaded.config.eos_token_ids)
@@ -123,7 +130,68 @@ class Engine:
     def unload_adapter(self, name: str) -> None:
         if any(r.adapter == name for r in self.requests.values()):
             raise ValueError(f"adapter {name!r} has requests in flight; abort or finish them first")
+        if any(j.adapter.name == name and not j.state.is_final for j in self.trainer.jobs.values()):
+            raise ValueError(f"adapter {name!r} is being trained; cancel its job first")
         self.adapters.remove(name)
+
+    # --- fine-tuning ----------------------------------------------------------------------------
+    def load_data(self, data: str | os.PathLike | Sequence[dict], max_tokens: int) -> list[Sample]:
+        """A JSONL path or a list of records ({prompt, completion} or {messages}), validated and tokenized."""
+        eos = self.eos_token_ids[0]
+        if isinstance(data, (str, os.PathLike)):
+            return load_samples(data, self.tokenizer, eos, max_tokens)
+        records = parse_jsonl(json.dumps(r) for r in data)
+        return [tokenize(r, self.tokenizer, eos, max_tokens) for r in records]
+
+    def create_job(
+        self,
+        adapter: str,
+        train: str | os.PathLike | Sequence[dict],
+        *,
+        val: str | os.PathLike | Sequence[dict] | None = None,
+        lora: LoraConfig | None = None,
+        training: TrainingConfig | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        output_dir: str | os.PathLike | None = None,
+        job_id: str | None = None,
+    ) -> TrainingJob:
+        """Starts fine-tuning `adapter` (new, with `lora`; or a loaded one, to continue it). Data is
+        validated before anything starts. With a checkpoint_dir that holds checkpoints of this job,
+        it resumes from the latest. The adapter serves requests with its latest weights throughout."""
+        training = training or TrainingConfig()
+        train_samples = self.load_data(train, training.micro_batch_tokens)
+        val_samples = self.load_data(val, training.micro_batch_tokens) if val is not None else None
+        created = adapter not in self.adapters
+        if created:
+            self.create_adapter(adapter, lora or LoraConfig(), seed=training.seed)
+        elif lora is not None:
+            raise ValueError(f"adapter {adapter!r} exists; to continue training it, give no LoRA config")
+        try:
+            job = TrainingJob(
+                job_id or f"ftjob-{next(self._order)}", self.adapters.get(adapter), train_samples, training,
+                val=val_samples, checkpoint_dir=checkpoint_dir, output_dir=output_dir, base_model=self.model_name,
+                on_weights_changed=self.adapters.mark_updated,
+            )
+            checkpoint = latest_checkpoint(checkpoint_dir)
+            if checkpoint is not None:
+                restore_checkpoint(job, checkpoint, self.model.config)
+                job.emit(f"resumed from {checkpoint}", step=job.step, checkpoint=str(checkpoint))
+            self.trainer.add(job)
+        except Exception:
+            if created:
+                self.adapters.remove(adapter)
+            raise
+        return job
+
+    def job(self, job_id: str) -> TrainingJob:
+        if job_id not in self.trainer.jobs:
+            raise LookupError(f"unknown job {job_id!r}")
+        return self.trainer.jobs[job_id]
+
+    @property
+    def has_work(self) -> bool:
+        """Requests in flight or jobs that still want to train."""
+        return self.has_unfinished or self.trainer.has_work
 
     # --- prompts --------------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
@@ -195,10 +263,9 @@ class Engine:
 
     # --- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduled forward pass; returns what each request that produced a token emitted."""
+        """One forward pass over the scheduled inference rows and as many training rows as the
+        latency targets leave room for; returns what each request that produced a token emitted."""
         scheduled = self.scheduler.schedule()
-        if not scheduled.chunks:
-            return []
         started = time.perf_counter()
         chunks = [
             Chunk(
@@ -210,18 +277,28 @@ class Engine:
             )
             for c in scheduled.chunks
         ]
-        batch = Batch.build(chunks, self.kv, self.model.device)
-        sampled = [i for i, c in enumerate(scheduled.chunks) if c.samples]
-        with torch.inference_mode():
-            hidden = self.model(batch)
-            rows = torch.tensor([batch.chunk_rows[i].stop - 1 for i in sampled], device=hidden.device)
-            logits = self.model.logits(hidden[rows]) if sampled else None
-        for c in scheduled.chunks:
-            c.request.num_computed = c.end
-        outputs = [self._append_token(scheduled.chunks[i].request, logits[j]) for j, i in enumerate(sampled)]
         row_counts = Counter()
         for chunk in chunks:
             row_counts[chunk.kind] += len(chunk.token_ids)
+        wants_training = self.trainer.has_work
+        work = self.trainer.take_work(self.scheduler.training_budget(row_counts)) if wants_training else []
+        self.scheduler.note_training(sum(len(item.sample) for item in work), wants_training)
+        if not chunks and not work:
+            return []
+        chunks += [Chunk(item.sample.input_ids, item.kind, self.adapters.slot(item.job.adapter.name)) for item in work]
+        batch = Batch.build(chunks, self.kv, self.model.device)
+        sampled = [i for i, c in enumerate(scheduled.chunks) if c.samples]
+        with torch.no_grad():  # the model turns autograd on for TRAIN rows only
+            hidden = self.model(batch)
+            rows = torch.tensor([batch.chunk_rows[i].stop - 1 for i in sampled], dtype=torch.long, device=hidden.device)
+            logits = self.model.logits(hidden[rows]) if sampled else None
+        if work:
+            self.trainer.apply(hidden, batch.chunk_rows[len(scheduled.chunks) :], work)
+        for c in scheduled.chunks:
+            c.request.num_computed = c.end
+        outputs = [self._append_token(scheduled.chunks[i].request, logits[j]) for j, i in enumerate(sampled)]
+        for item in work:
+            row_counts[item.kind] += len(item.sample)
         self.scheduler.cost.record(row_counts, time.perf_counter() - started)
         return outputs
 

@@ -24,7 +24,9 @@ class SchedulerConfig:
     """max_step_tokens: hard cap on rows per step. max_running: requests holding KV at once.
     max_waiting: queue bound (admission control). max_prefill_chunk: prompt tokens of one request per
     step. min_prefill_tokens: prefill progress per step even when the latency budget is spent, so
-    waiting requests never starve. step_time_share: the share of the tightest TPOT target a step may
+    waiting requests never starve. min_train_tokens: training's minimum share: each step that
+    training wanted rows and got none adds this many rows to its next budget, so it never starves.
+    step_time_share: the share of the tightest TPOT target a step may
     take (the rest is headroom for sampling, streaming and noise)."""
 
     max_step_tokens: int = 512
@@ -32,11 +34,12 @@ class SchedulerConfig:
     max_waiting: int = 1024
     max_prefill_chunk: int = 256
     min_prefill_tokens: int = 16
+    min_train_tokens: int = 32
     step_time_share: float = 0.8
     default_slo: SLO = field(default_factory=SLO)
 
     def __post_init__(self) -> None:
-        for name in ("max_step_tokens", "max_running", "max_waiting", "max_prefill_chunk", "min_prefill_tokens"):
+        for name in ("max_step_tokens", "max_running", "max_waiting", "max_prefill_chunk", "min_prefill_tokens", "min_train_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not 0 < self.step_time_share <= 1:
@@ -123,6 +126,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cost = StepCostModel()
+        self._train_credit = 0
 
     @property
     def has_work(self) -> bool:
@@ -157,6 +161,17 @@ class Scheduler:
         target = cfg.step_time_share * min(r.slo.tpot for r in self.running)
         fits = self.cost.max_rows_within(target, kind, beside)
         return room if fits is None else min(fits, room)
+
+    def training_budget(self, beside: Mapping[RowKind, int]) -> int:
+        """Rows training (TRAIN and EVAL samples) may add to a step that carries `beside`: what is
+        left within the latency target, or the credit training has earned while starved."""
+        return max(self.rows_within_target(RowKind.TRAIN, beside), self._train_credit)
+
+    def note_training(self, rows_run: int, wanted: bool) -> None:
+        if wanted and rows_run == 0:
+            self._train_credit += self.config.min_train_tokens
+        else:
+            self._train_credit = 0
 
     def schedule(self) -> SchedulerOutput:
         preempted: list[Request] = []

@@ -61,13 +61,14 @@ class LoraAdapter:
         if not name or any(c in name for c in "/\\\0") or name in (".", ".."):
             raise AdapterError(f"invalid adapter name {name!r}")
         self.name, self.config, self.weights = name, config, weights
+        self.dropout_generator = torch.Generator(device=next(iter(weights.values()))[0].device) if weights else torch.Generator()
 
     def __repr__(self) -> str:
         return f"LoraAdapter({self.name!r}, r={self.config.r}, targets={list(self.config.target_modules)}, linears={len(self.weights)})"
 
     def layer_weights(self, key: tuple[int, str]) -> LoraWeights:
         A, B = self.weights[key]
-        return LoraWeights(A=A, B=B, scale=self.config.scale, dropout=self.config.dropout)
+        return LoraWeights(A=A, B=B, scale=self.config.scale, dropout=self.config.dropout, dropout_generator=self.dropout_generator)
 
     def parameters(self) -> list[torch.Tensor]:
         return [t for pair in self.weights.values() for t in pair]

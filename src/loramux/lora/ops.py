@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 
 from loramux.lora.segments import LoraSegments
 
@@ -32,6 +31,7 @@ class LoraWeights:
     B: torch.Tensor
     scale: float
     dropout: float = 0.0
+    dropout_generator: torch.Generator | None = None
 
     @property
     def rank(self) -> int:
@@ -69,14 +69,16 @@ def add_lora_loop(
     y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, weights: Mapping[int, LoraWeights], training: bool = False
 ) -> torch.Tensor:
     """y: [T, out], x: [T, in]. Adds each segment's delta in place and returns y.
-    With `training`, each adapter's dropout is applied to its rows' inputs (as PEFT does)."""
+    With `training`, each adapter's dropout is applied to its rows' inputs (as PEFT does), drawn
+    from the adapter's own generator so that its masks do not depend on other adapters' rows."""
     for start, end, slot in segments.segments:
         w = weights.get(slot)
         if w is None:
             continue
         xs = x[start:end]
         if training and w.dropout > 0:
-            xs = F.dropout(xs, p=w.dropout, training=True)
+            keep = torch.empty_like(xs).bernoulli_(1.0 - w.dropout, generator=w.dropout_generator)
+            xs = xs * keep / (1.0 - w.dropout)
         y[start:end] += w.scale * ((xs @ w.A.T) @ w.B.T)
     return y
 

@@ -127,10 +127,8 @@ def _weights_from_keys(state: dict[str, torch.Tensor], directory: Path) -> dict[
     return {k: (v["A"], v["B"]) for k, v in sorted(halves.items())}
 
 
-def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike, base_model: str = "") -> Path:
-    """Writes `adapter` in PEFT's format to `path`, replacing it atomically if it exists."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+def write_peft_files(adapter: LoraAdapter, directory: Path, base_model: str = "") -> None:
+    """Writes the two PEFT files into an existing directory and fsyncs them (not atomic by itself)."""
     c = adapter.config
     config = {
         "peft_type": "LORA",
@@ -157,11 +155,18 @@ def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike, base_model:
         prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
         state[f"{prefix}.lora_A.weight"] = A.detach().to("cpu").contiguous()
         state[f"{prefix}.lora_B.weight"] = B.detach().to("cpu").contiguous()
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    _fsync_dir(directory)
+
+
+def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike, base_model: str = "") -> Path:
+    """Writes `adapter` in PEFT's format to `path`, replacing it atomically if it exists."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        _fsync_dir(tmp)
+        write_peft_files(adapter, tmp, base_model)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

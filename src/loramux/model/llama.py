@@ -156,10 +156,12 @@ class LlamaModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns the final-normed hidden states [num_rows, hidden] of all rows of the batch."""
         hidden = [self._forward_part(part, batch.kv) for part in batch.parts]
-        return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+        with torch.set_grad_enabled(any(p.builds_graph for p in batch.parts)):
+            return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
 
     def _forward_part(self, part: BatchPart, kv: PagedKVCache | None) -> torch.Tensor:
-        with torch.set_grad_enabled(part.builds_graph and torch.is_grad_enabled()):
+        # The part's kind decides, whatever the caller's grad mode (not inference_mode, though).
+        with torch.set_grad_enabled(part.builds_graph):
             cos, sin = rotary_tables(part.positions, self.inv_freq, self.dtype)
             ctx = StepContext(part, kv, cos, sin, self.weights_version)
             x = self.model.embed_tokens(part.input_ids)

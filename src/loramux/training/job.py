@@ -1,0 +1,291 @@
+"""A fine-tuning job: its data order, its adapter's optimizer, its state machine and its events.
+
+The engine asks a running job for work (`take`), runs it inside a step beside everyone else's rows,
+and reports back (`complete`). The job steps its optimizer when its optimizer batch is done, runs
+evaluation and writes checkpoints on schedule, and finishes after its last step.
+
+States: queued -> running <-> paused -> succeeded | failed | cancelled.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from loramux.engine.batch import RowKind
+from loramux.lora.adapter import LoraAdapter
+from loramux.training.config import TrainingConfig
+from loramux.training.data import Sample
+from loramux.training.optim import learning_rate, make_optimizer
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """created_at: unix seconds. data holds figures for metrics events (step, train_loss, eval_loss,
+    learning_rate, tokens_per_second, eta_seconds, ...)."""
+
+    created_at: float
+    message: str
+    data: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One sample of a job in a step. weight: the factor of its summed token losses in the loss
+    (1 / target tokens of its optimizer batch for TRAIN; 1 for EVAL)."""
+
+    job: TrainingJob
+    sample: Sample
+    kind: RowKind
+    weight: float
+
+
+class TrainingJob:
+    def __init__(
+        self,
+        job_id: str,
+        adapter: LoraAdapter,
+        train: list[Sample],
+        config: TrainingConfig,
+        *,
+        val: list[Sample] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        output_dir: str | Path | None = None,
+        base_model: str = "",
+        on_weights_changed: Callable[[], None] = lambda: None,
+    ) -> None:
+        if not train:
+            raise ValueError("a job needs at least one training sample")
+        self.id = job_id
+        self.adapter = adapter
+        self.train, self.val = train, val or []
+        self.config = config
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.base_model = base_model
+        self.on_weights_changed = on_weights_changed
+        self.steps_per_epoch = math.ceil(len(train) / config.samples_per_step)
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.params = adapter.requires_grad_(True).parameters()
+        self.optimizer = make_optimizer(self.params, config)
+        self.dropout_generator = adapter.dropout_generator.manual_seed(config.seed)
+        self.state = JobState.QUEUED
+        self.error: str | None = None
+        self.events: list[JobEvent] = []
+        self.checkpoints: list[Path] = []
+        self.step = 0  # optimizer steps done
+        self.train_tokens = 0
+        self.last_train_loss: float | None = None
+        self.last_eval_loss: float | None = None
+        self._running_seconds = 0.0
+        self._resumed_at: float | None = None
+        self._batch: list[int] = []
+        self._handed = 0  # samples of the current batch given out
+        self._done = 0  # samples of the current batch completed
+        self._batch_loss = 0.0
+        self._batch_weight = 0.0
+        self._eval_queue: list[Sample] = []
+        self._eval_loss = 0.0
+        self._eval_tokens = 0
+        self._eval_pending = 0
+
+    # --- state machine --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._transition(JobState.RUNNING, "job started")
+        self._new_batch()
+
+    def pause(self) -> None:
+        if self.state is JobState.RUNNING:
+            self._transition(JobState.PAUSED, "job paused")
+
+    def resume(self) -> None:
+        if self.state is JobState.PAUSED:
+            self._transition(JobState.RUNNING, "job resumed")
+
+    def cancel(self) -> None:
+        if not self.state.is_final:
+            self._transition(JobState.CANCELLED, "job cancelled")
+
+    def _succeed(self) -> None:
+        if self.output_dir is not None:
+            from loramux.lora.peft_io import save_peft_adapter
+
+            save_peft_adapter(self.adapter, self.output_dir, self.base_model)
+            self.emit(f"adapter written to {self.output_dir}", output_dir=str(self.output_dir))
+        self._transition(JobState.SUCCEEDED, "job succeeded")
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        self._transition(JobState.FAILED, f"job failed: {error}")
+
+    def _transition(self, state: JobState, message: str) -> None:
+        now = time.monotonic()
+        if self._resumed_at is not None:
+            self._running_seconds += now - self._resumed_at
+        self._resumed_at = now if state is JobState.RUNNING else None
+        if state.is_final:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.adapter.requires_grad_(False)
+        self.state = state
+        self.emit(message, state=state.value)
+
+    def emit(self, message: str, **data) -> None:
+        self.events.append(JobEvent(time.time(), message, data))
+
+    @property
+    def running_seconds(self) -> float:
+        extra = time.monotonic() - self._resumed_at if self._resumed_at is not None else 0.0
+        return self._running_seconds + extra
+
+    # --- data order -------------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> list[int]:
+        """Sample indices of optimizer step `step`: epochs are seeded permutations of the data."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
+        n = self.config.samples_per_step
+        return order[index * n : (index + 1) * n]
+
+    def _new_batch(self) -> None:
+        self._batch = self.batch_indices(self.step)
+        self._handed = self._done = 0
+        self._batch_loss = 0.0
+        self._batch_weight = 1.0 / max(sum(self.train[i].num_loss_tokens for i in self._batch), 1)
+
+    # --- work -------------------------------------------------------------------------------------
+    @property
+    def wants_work(self) -> bool:
+        if self.state is not JobState.RUNNING:
+            return False
+        if self._eval_pending:
+            return bool(self._eval_queue)
+        return self._handed < len(self._batch)
+
+    def take(self, max_tokens: int) -> list[WorkItem]:
+        """Whole samples, in order, up to batch_size samples and `max_tokens` tokens. Evaluation runs
+        before training resumes; samples of two optimizer batches never share a step."""
+        items: list[WorkItem] = []
+        tokens = 0
+        limit = min(max_tokens, self.config.micro_batch_tokens)
+        while self.wants_work and len(items) < self.config.batch_size:
+            if self._eval_pending:
+                sample, kind, weight = self._eval_queue[0], RowKind.EVAL, 1.0
+            else:
+                sample, kind, weight = self.train[self._batch[self._handed]], RowKind.TRAIN, self._batch_weight
+            if tokens + len(sample) > limit:
+                break
+            if kind is RowKind.EVAL:
+                self._eval_queue.pop(0)
+            else:
+                self._handed += 1
+            items.append(WorkItem(self, sample, kind, weight))
+            tokens += len(sample)
+        return items
+
+    def complete(self, item: WorkItem, loss_sum: float) -> None:
+        """loss_sum: the sample's summed token losses (already multiplied by its weight for TRAIN)."""
+        if self.state.is_final:
+            return
+        if item.kind is RowKind.EVAL:
+            self._eval_loss += loss_sum
+            self._eval_tokens += item.sample.num_loss_tokens
+            self._eval_pending -= 1
+            if not self._eval_pending:
+                self._finish_eval()
+            return
+        self._batch_loss += loss_sum
+        self.train_tokens += len(item.sample)
+        self._done += 1
+        if self._done == len(self._batch):
+            self._optimizer_step()
+
+    def _optimizer_step(self) -> None:
+        lr = learning_rate(self.config, self.step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = None
+        if self.config.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.on_weights_changed()
+        self.step += 1
+        self.last_train_loss = self._batch_loss
+        seconds = self.running_seconds
+        self.emit(
+            f"step {self.step}/{self.total_steps}: train loss {self._batch_loss:.4f}",
+            step=self.step, total_steps=self.total_steps, train_loss=self._batch_loss, learning_rate=lr,
+            grad_norm=grad_norm, tokens_per_second=self.train_tokens / max(seconds, 1e-9),
+            eta_seconds=seconds / self.step * (self.total_steps - self.step),
+        )
+        finished = self.step >= self.total_steps
+        if self.config.checkpoint_every and self.checkpoint_dir and (self.step % self.config.checkpoint_every == 0 or finished):
+            from loramux.training.checkpoint import save_checkpoint
+
+            path = save_checkpoint(self, self.checkpoint_dir)
+            self.checkpoints.append(path)
+            self.emit(f"checkpoint written at step {self.step}", step=self.step, checkpoint=str(path))
+        if self.val and ((self.config.eval_every and self.step % self.config.eval_every == 0) or finished):
+            self._start_eval()
+        elif finished:
+            self._succeed()
+            return
+        if not finished:
+            self._new_batch()
+
+    def _start_eval(self) -> None:
+        self._eval_queue = list(self.val)
+        self._eval_pending = len(self.val)
+        self._eval_loss, self._eval_tokens = 0.0, 0
+
+    def _finish_eval(self) -> None:
+        self.last_eval_loss = self._eval_loss / max(self._eval_tokens, 1)
+        self.emit(f"step {self.step}: eval loss {self.last_eval_loss:.4f}", step=self.step, eval_loss=self.last_eval_loss)
+        if self.step >= self.total_steps:
+            self._succeed()
+
+    # --- checkpoint state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "train_tokens": self.train_tokens,
+            "running_seconds": self.running_seconds,
+            "optimizer": self.optimizer.state_dict(),
+            "dropout_rng": self.dropout_generator.get_state(),
+            "data_fingerprint": self.data_fingerprint(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["data_fingerprint"] != self.data_fingerprint():
+            raise ValueError("the checkpoint was made with other training data or batch settings; cannot resume")
+        self.step = state["step"]
+        self.train_tokens = state["train_tokens"]
+        self._running_seconds = state["running_seconds"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.dropout_generator.set_state(state["dropout_rng"])
+
+    def data_fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(repr((self.config.seed, self.config.samples_per_step, len(self.train))).encode())
+        for s in self.train:
+            h.update(repr(s.input_ids).encode())
+        return h.hexdigest()
