@@ -59,3 +59,26 @@ def default_hf(default_engine):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(default_engine.loaded.path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    """The default model's tokenizer, without loading its weights."""
+    from loramux.model.loader import load_tokenizer, resolve_model_dir
+
+    return load_tokenizer(resolve_model_dir(None)[1])
+
+
+@pytest.fixture
+def tiny_engine(default_tokenizer):
+    """A factory of engines over a tiny random Llama with the real tokenizer's vocabulary (fast
+    enough to train in unit tests). Same seed, same weights."""
+    from loramux.engine.engine import Engine, EngineConfig
+    from loramux.model.loader import LoadedModel, resolve_model_dir
+
+    def make(seed: int = 0, config: EngineConfig | None = None) -> Engine:
+        hf = make_tiny_hf(seed=seed, vocab_size=49152, tie_word_embeddings=True)
+        loaded = LoadedModel(name="tiny", path=resolve_model_dir(None)[1], model=ours_from_hf(hf), tokenizer=default_tokenizer)
+        return Engine(loaded, config or EngineConfig(kv_cache_memory=16 * 2**20))
+
+    return make

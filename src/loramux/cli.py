@@ -48,6 +48,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     gen.set_defaults(run=_generate)
 
+    ft = sub.add_parser("finetune", help="fine-tune a LoRA adapter on a JSONL file, with live progress")
+    _add_model_options(ft)
+    ft.add_argument("--data", required=True, help="training JSONL: {prompt, completion} or {messages: [...]} per line")
+    ft.add_argument("--val", default=None, help="validation JSONL, same formats")
+    ft.add_argument("--name", required=True, help="adapter name")
+    ft.add_argument("--output-dir", required=True, help="where the adapter is written, in PEFT's format")
+    ft.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT_DIR/checkpoints; a rerun resumes from the latest")
+    ft.add_argument("--adapter-init", default=None, metavar="PATH", help="continue training this PEFT adapter")
+    lora = ft.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=16)
+    lora.add_argument("--alpha", type=float, default=32.0)
+    lora.add_argument("--dropout", type=float, default=0.0)
+    lora.add_argument("--target-modules", default="all-linear", help="comma-separated, or all-linear")
+    lora.add_argument("--rslora", action="store_true")
+    hp = ft.add_argument_group("training")
+    hp.add_argument("--epochs", type=int, default=3)
+    hp.add_argument("--max-steps", type=int, default=None)
+    hp.add_argument("--batch-size", type=int, default=8)
+    hp.add_argument("--gradient-accumulation", type=int, default=1)
+    hp.add_argument("--micro-batch-tokens", type=int, default=2048)
+    hp.add_argument("--learning-rate", type=float, default=2e-4)
+    hp.add_argument("--lr-schedule", default="linear", choices=["constant", "linear", "cosine"])
+    hp.add_argument("--warmup-steps", type=int, default=0)
+    hp.add_argument("--weight-decay", type=float, default=0.0)
+    hp.add_argument("--max-grad-norm", type=float, default=1.0)
+    hp.add_argument("--seed", type=int, default=0)
+    hp.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: at the end)")
+    hp.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints (0: none)")
+    ft.set_defaults(run=_finetune)
+
     demo = sub.add_parser("demo", help="a tour on the default model")
     _add_model_options(demo)
     demo.set_defaults(run=_demo)
@@ -58,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (AdapterError, UnknownAdapterError, UnsupportedModelError, ValueError) as e:
+    except (AdapterError, UnknownAdapterError, UnsupportedModelError, ValueError, LookupError) as e:
         print(f"loramux: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
@@ -91,6 +121,77 @@ def _generate(args) -> int:
         else:
             print(out.text, flush=True)
     return 0
+
+
+def _finetune(args) -> int:
+    from loramux import LoraConfig, TrainingConfig
+
+    targets = "all-linear" if args.target_modules == "all-linear" else tuple(t.strip() for t in args.target_modules.split(","))
+    lora = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, use_rslora=args.rslora)
+    training = TrainingConfig(
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        gradient_accumulation=args.gradient_accumulation, micro_batch_tokens=args.micro_batch_tokens,
+        learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+    )
+    engine = _engine(args)
+    if args.adapter_init:
+        engine.load_adapter(args.name, args.adapter_init)
+    job = engine.create_job(
+        args.name, args.data, val=args.val, lora=None if args.adapter_init else lora, training=training,
+        checkpoint_dir=args.checkpoint_dir or Path(args.output_dir) / "checkpoints", output_dir=args.output_dir,
+    )
+    progress = ProgressLine(sys.stderr)
+    seen = 0
+    while engine.has_work:
+        engine.step()
+        for event in job.events[seen:]:
+            progress.update(job, event)
+        seen = len(job.events)
+    progress.close()
+    if job.error:
+        raise ValueError(job.error)
+    print(f"adapter {args.name!r} written to {args.output_dir} ({job.step} steps, "
+          f"train loss {job.last_train_loss:.4f}"
+          + (f", eval loss {job.last_eval_loss:.4f}" if job.last_eval_loss is not None else "") + ")", flush=True)
+    return 0
+
+
+class ProgressLine:
+    """A one-line progress bar redrawn in place on a terminal; one line per event otherwise."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+
+    def update(self, job, event) -> None:
+        if "step" not in event.data or "total_steps" not in event.data:
+            self._print(event.message)
+            return
+        d = event.data
+        done = d["step"] / d["total_steps"]
+        bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
+        eval_loss = f" eval {job.last_eval_loss:.4f}" if job.last_eval_loss is not None else ""
+        eta = int(d["eta_seconds"])
+        line = (f"step {d['step']}/{d['total_steps']} [{bar}] loss {d['train_loss']:.4f}{eval_loss} "
+                f"| {d['tokens_per_second']:.0f} tok/s | ETA {eta // 60}:{eta % 60:02d}")
+        if self.live:
+            self.stream.write("\r" + line)
+            self.stream.flush()
+        else:
+            self._print(line)
+
+    def _print(self, text: str) -> None:
+        if self.live:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _demo(args) -> int:

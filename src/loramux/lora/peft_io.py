@@ -161,18 +161,18 @@ def write_peft_files(adapter: LoraAdapter, directory: Path, base_model: str = ""
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike, base_model: str = "") -> Path:
-    """Writes `adapter` in PEFT's format to `path`, replacing it atomically if it exists."""
+    """Writes `adapter` in PEFT's format to `path`. A new directory appears whole (temporary
+    sibling, fsync, rename); in an existing one each file is replaced atomically, weights first,
+    and anything else there (checkpoints, say) is left alone."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write_peft_files(adapter, tmp, base_model)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
+        if target.is_dir():
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                os.replace(tmp / name, target / name)
+            _fsync_dir(target)
         else:
             tmp.rename(target)
         _fsync_dir(target.parent)

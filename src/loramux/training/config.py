@@ -15,8 +15,9 @@ class TrainingConfig:
     optimizer batch, however the batch is spread over engine steps.
 
     max_steps, when set, overrides epochs. eval_every / checkpoint_every count optimizer steps (0:
-    only at the end / never). The learning rate warms up linearly over warmup_steps, then follows
-    `lr_schedule` down to 0 at the last step (constant stays flat)."""
+    only at the end / never). The learning rate warms up linearly over warmup_steps (step s < warmup
+    gets (s + 1) / warmup of it), then follows `lr_schedule` toward 0 as transformers' schedules do:
+    linear gives step s of T the share (T - s) / (T - warmup); cosine the cosine of that progress."""
 
     epochs: int = 3
     max_steps: int | None = None

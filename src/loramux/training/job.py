@@ -111,7 +111,10 @@ class TrainingJob:
     # --- state machine --------------------------------------------------------------------------
     def start(self) -> None:
         self._transition(JobState.RUNNING, "job started")
-        self._new_batch()
+        if self.step >= self.total_steps:  # resumed from its final checkpoint
+            self._succeed()
+        else:
+            self._new_batch()
 
     def pause(self) -> None:
         if self.state is JobState.RUNNING:
