@@ -28,7 +28,7 @@ def test_python_example_runs(index, tmp_path):
 def test_cli_options_in_readme_exist():
     from loramux.cli import build_parser
 
-    sub = build_parser()._subparsers._group_actions[0].choices["generate"]
-    known = {opt for action in sub._actions for opt in action.option_strings}
+    commands = build_parser()._subparsers._group_actions[0].choices.values()
+    known = {opt for sub in commands for action in sub._actions for opt in action.option_strings}
     documented = set(re.findall(r"`(--[a-z-]+)", README.read_text()))
     assert documented and documented <= known, documented - known

@@ -195,38 +195,55 @@ class ProgressLine:
 
 
 def _demo(args) -> int:
-    from loramux import LoraConfig, SamplingParams
+    """The main job on the default model: serve requests on two adapters and the base model while
+    fine-tuning a third adapter in the same steps, then answer with the new adapter."""
+    from loramux import LoraConfig, SamplingParams, TrainingConfig
+    from loramux.datasets import shipped
 
     say = lambda s="": print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     engine = _engine(args)
-    say(f"Loaded {engine.model_name} ({engine.model.config.num_parameters() / 1e6:.0f}M parameters, "
-        f"{args.dtype}) in {time.perf_counter() - t0:.1f}s; cached at {engine.loaded.path}")
-    question = "What is the capital of France?"
-    answer = engine.generate([question], chat=True, max_tokens=24)[0]
-    say(f"\nBase model, {question!r}\n  -> {answer.text}")
+    say(f"Loaded {engine.model_name} ({engine.model.config.num_parameters() / 1e6:.0f}M parameters, {args.dtype}) "
+        f"in {time.perf_counter() - t0:.1f}s from {engine.loaded.path}")
+    for i, name in enumerate(("poet", "coder")):
+        engine.create_adapter(name, LoraConfig(r=16, alpha=32, target_modules="all-linear"), seed=i, init_b="random")
+    held_out = [json.loads(line) for line in shipped("reverse_words/val.jsonl").read_text().splitlines()]
+    task = held_out[0]["prompt"].replace("\n", " / ")
+    base = engine.generate([held_out[0]["prompt"]], max_tokens=8)[0].text
+    say(f"\nServing adapters 'poet' and 'coder' (rank 16, all linears) and the base model.")
+    say(f"The task to learn: {task!r} -> {held_out[0]['completion'].strip()!r}; the base model says {base.strip()!r}.")
+    say("Fine-tuning adapter 'reverser' on the shipped reverse_words dataset (256 examples) in the same")
+    say("forward passes that serve the requests:\n")
 
-    say("\nTwo LoRA adapters (rank 8 on q,v and rank 16 on all seven linears) are created, saved in PEFT's")
-    say("format and loaded back by path: both share the one frozen base model.")
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, config in (("qv-r8", LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"))),
-                             ("all-r16", LoraConfig(r=16, alpha=32, target_modules="all-linear"))):
-            engine.create_adapter(name, config, seed=len(name), init_b="random")
-            engine.save_adapter(name, Path(tmp) / name)
-            engine.unload_adapter(name)
-            engine.load_adapter(name, Path(tmp) / name)
-    prompts = ["Write a haiku about the sea.", "Name three primary colors.", "What is 12 times 12?"]
-    adapters = [None, "qv-r8", "all-r16"]
-    jobs = [(p, a) for p in prompts for a in adapters]
-    t0 = time.perf_counter()
-    outs = engine.generate([p for p, _ in jobs], [a for _, a in jobs], chat=True, params=SamplingParams(max_tokens=32))
-    elapsed = time.perf_counter() - t0
-    say(f"\n{len(jobs)} requests over base + 2 adapters in one mixed batch (greedy):")
-    for (prompt, adapter), out in zip(jobs, outs):
-        text = out.text.replace("\n", " ")
-        say(f"  [{adapter or BASE:>7}] {prompt!r} -> {text[:70]}{'...' if len(text) > 70 else ''}")
-    generated = sum(len(o.token_ids) for o in outs)
-    say(f"\n{generated} tokens in {elapsed:.1f}s ({generated / elapsed:.0f} tokens/s on this machine).")
+    job = engine.create_job("reverser", shipped("reverse_words/train.jsonl"), val=shipped("reverse_words/val.jsonl"),
+                            lora=LoraConfig(r=16, alpha=32, target_modules="all-linear"),
+                            training=TrainingConfig(epochs=1, batch_size=8, learning_rate=1e-3, warmup_steps=2, eval_every=16))
+    prompts = ["Write a line about the sea.", "What is a Python list?", "Name three colors.", "Say something kind."]
+    users = [None, "poet", "coder"]
+    progress = ProgressLine(sys.stdout)
+    served: list = []
+    seen = 0
+    while engine.has_work:
+        while job.wants_work and sum(1 for r in served if r.finish_reason is None) < 4:
+            n = len(served)
+            served.append(engine.add_request(prompts[n % 4], users[n % 3], SamplingParams(max_tokens=16), chat=True))
+        engine.step()
+        for event in job.events[seen:]:
+            progress.update(job, event)
+        seen = len(job.events)
+    progress.close()
+    done = [r for r in served if r.metrics.tpot is not None]
+    if done:
+        ttft = sorted(r.metrics.ttft for r in done)[len(done) // 2]
+        tpot = sorted(r.metrics.tpot for r in done)[len(done) // 2]
+        say(f"\nMeanwhile {len(done)} requests were served to base/poet/coder: median TTFT {ttft:.2f}s, "
+            f"median time per token {tpot * 1000:.0f} ms.")
+
+    outs = engine.generate([r["prompt"] for r in held_out], "reverser", max_tokens=8)
+    exact = sum(o.text.strip() == r["completion"].strip() for o, r in zip(outs, held_out))
+    say(f"\nThe new adapter, served at once with no reload: {exact}/{len(held_out)} held-out examples exactly right.")
+    for r, o in list(zip(held_out, outs))[:3]:
+        say(f"  {r['prompt'].splitlines()[0]!r} -> {o.text.strip()!r}")
     return 0
 
 
