@@ -78,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints (0: none)")
     ft.set_defaults(run=_finetune)
 
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (inference and fine-tuning)")
+    _add_model_options(serve)
+    serve.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=PATH",
+                       help="load a PEFT LoRA adapter directory under NAME at start (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", default="./loramux-data", help="files, jobs, adapters and checkpoints (SQLite + files)")
+    serve.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (env LORAMUX_API_KEY)")
+    serve.add_argument("--allow-adapter-dir", action="append", default=[], metavar="DIR",
+                       help="directories adapters may be loaded from over the API (the data dir always)")
+    serve.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body")
+    serve.add_argument("--max-upload-mb", type=float, default=64.0, help="largest uploaded file")
+    serve.add_argument("--kv-cache-mb", type=int, default=512, help="memory for the paged KV cache")
+    serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond this get 429")
+    serve.set_defaults(run=_serve)
+
     demo = sub.add_parser("demo", help="a tour on the default model")
     _add_model_options(demo)
     demo.set_defaults(run=_demo)
@@ -120,6 +136,35 @@ def _generate(args) -> int:
                               "finish_reason": out.finish_reason}), flush=True)
         else:
             print(out.text, flush=True)
+    return 0
+
+
+def _serve(args) -> int:
+    import logging
+    import os
+
+    import uvicorn
+
+    from loramux import Engine, EngineConfig, SchedulerConfig
+    from loramux.engine.engine import parse_dtype
+    from loramux.model.loader import load_model
+    from loramux.server.app import Settings, create_app
+    from loramux.server.store import DataDirLocked, Store
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        store = Store(args.data_dir)
+    except DataDirLocked as e:
+        raise ValueError(str(e)) from None
+    engine = Engine(load_model(args.model, cache=args.cache_dir, dtype=parse_dtype(args.dtype)),
+                    EngineConfig(kv_cache_memory=args.kv_cache_mb * 2**20, scheduler=SchedulerConfig(max_waiting=args.max_waiting)))
+    for name, path in args.adapter:
+        engine.load_adapter(name, path)
+    settings = Settings(api_key=args.api_key or os.environ.get("LORAMUX_API_KEY"), allowed_adapter_dirs=tuple(args.allow_adapter_dir),
+                        max_body_bytes=int(args.max_body_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20))
+    app = create_app(engine, store, settings)
+    print(f"loramux serving {engine.model_name} on http://{args.host}:{args.port}/v1 (data in {store.root})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -1,0 +1,423 @@
+"""The OpenAI-compatible HTTP server: inference, files, fine-tuning jobs, adapters, health, metrics.
+
+One process: FastAPI handlers on the event loop, the engine on its own thread (`EngineLoop`).
+Handlers never touch the engine directly; they hand it calls that run between two steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from loramux.engine.engine import Engine
+from loramux.engine.requests import RequestOutput
+from loramux.engine.scheduler import QueueFullError
+from loramux.lora.adapter import AdapterError, UnknownAdapterError
+from loramux.lora.peft_io import load_peft_adapter
+from loramux.server.engine_loop import EngineLoop
+from loramux.server.jobs import JobService
+from loramux.server.metrics import Metrics
+from loramux.server.protocol import (
+    APIError, ChatCompletionRequest, CompletionRequest, FineTuningJobRequest, LoadAdapterRequest, SamplingFields,
+    UnloadAdapterRequest,
+)
+from loramux.server.store import Store
+from loramux.training.data import DataError, parse_jsonl
+
+log = logging.getLogger("loramux.server")
+DEFAULT_MAX_TOKENS = 16
+
+
+class Settings:
+    def __init__(self, *, api_key: str | None = None, allowed_adapter_dirs: tuple[str, ...] = (),
+                 max_body_bytes: int = 16 * 2**20, max_upload_bytes: int = 64 * 2**20) -> None:
+        self.api_key = api_key
+        self.allowed_adapter_dirs = tuple(Path(d).expanduser().resolve() for d in allowed_adapter_dirs)
+        self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
+
+
+def create_app(engine: Engine, store: Store, settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    jobs = JobService(engine, store, metrics)
+    loop = EngineLoop(engine, on_step=lambda e: (jobs.sync(), metrics.observe_engine(e)))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        jobs.recover()  # before the loop starts: the engine thread is not running yet
+        loop.start()
+        yield
+        loop.stop()
+
+    app = FastAPI(title="loramux", lifespan=lifespan)
+    app.state.loop, app.state.jobs, app.state.metrics = loop, jobs, metrics
+
+    # --- errors, limits, logs -------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return JSONResponse(APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", param).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
+
+    @app.middleware("http")
+    async def limits_and_logs(request: Request, call_next):
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            response: Response = JSONResponse(
+                APIError(413, f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}").body(), status_code=413)
+        else:
+            response = await call_next(request)
+        log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
+                             "ms": round(1000 * (time.perf_counter() - started), 1)}))
+        return response
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+            raise APIError(401, "missing or invalid API key (expected Authorization: Bearer KEY)", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    # --- health and metrics ---------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
+
+    # --- models ---------------------------------------------------------------------------------
+    @v1.get("/models")
+    async def list_models():
+        names = await loop.call(lambda e: e.adapters.names())
+        base = engine.model_name
+        data = [{"id": base, "object": "model", "created": 0, "owned_by": "loramux", "root": base, "parent": None}]
+        data += [{"id": n, "object": "model", "created": 0, "owned_by": "loramux", "root": base, "parent": base} for n in names]
+        return {"object": "list", "data": data}
+
+    def adapter_of(model: str) -> str | None:
+        if model == engine.model_name:
+            return None
+        if model not in engine.adapters:
+            raise APIError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+        return model
+
+    # --- inference ------------------------------------------------------------------------------
+    async def start(body: SamplingFields, prompts: list[list[int]], max_tokens: int, logprobs: int | None,
+                    q: asyncio.Queue) -> list[tuple[str, int]]:
+        """Adds n requests per prompt; returns (request id, prompt index) per choice, in choice order."""
+        adapter = adapter_of(body.model)
+        slo = body.slo_for(engine.config.scheduler.default_slo)
+        choices = []
+        for p, ids in enumerate(prompts):
+            for i in range(body.n):
+                rid = f"req-{uuid.uuid4().hex}"
+                params = body.sampling(len(choices), max_tokens, logprobs)
+                loop.listen(rid, q)
+                choices.append((rid, p))
+                try:
+                    await loop.call(lambda e, ids=ids, params=params, rid=rid: e.add_request(ids, adapter, params, slo=slo, request_id=rid))
+                except BaseException as exc:
+                    for r, _ in choices[:-1]:
+                        loop.submit(lambda e, r=r: e.abort(r))
+                    for r, _ in choices:
+                        loop.forget(r)
+                    raise engine_error(exc) from None
+        return choices
+
+    async def collect(q: asyncio.Queue, choices: list[tuple[str, int]]) -> dict[str, list[RequestOutput]]:
+        outs: dict[str, list[RequestOutput]] = {rid: [] for rid, _ in choices}
+        remaining = len(choices)
+        try:
+            while remaining:
+                out = await q.get()
+                outs[out.request_id].append(out)
+                remaining -= out.finished
+        finally:
+            finish(choices, outs)
+        return outs
+
+    def finish(choices: list[tuple[str, int]], outs: dict[str, list[RequestOutput]]) -> None:
+        """Forgets the choices' listeners; aborts those that did not finish (a client went away)."""
+        for rid, _ in choices:
+            loop.forget(rid)
+            if not (outs[rid] and outs[rid][-1].finished):
+                loop.submit(lambda e, rid=rid: e.abort(rid))
+
+    def usage(prompts: list[list[int]], outs: dict[str, list[RequestOutput]]) -> dict:
+        prompt_tokens = sum(len(p) for p in prompts)
+        completion = sum(len(o.new_token_ids) for seq in outs.values() for o in seq)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+    def token_text(token_id: int) -> str:
+        return engine.tokenizer.decode([token_id])
+
+    def record(model: str, outs: dict[str, list[RequestOutput]], prompts: list[list[int]], status: str) -> None:
+        metrics.record_requests(model, status, prompts, outs)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest):
+        prompts = [engine.encode(p) if isinstance(p, str) else p for p in body.prompts()]
+        if not prompts:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        max_tokens = body.max_tokens or DEFAULT_MAX_TOKENS
+        q: asyncio.Queue = asyncio.Queue()
+        choices = await start(body, prompts, max_tokens, body.logprobs, q)
+        created, cid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+
+        def logprobs_of(seq: list[RequestOutput]) -> dict | None:
+            if body.logprobs is None:
+                return None
+            lps = [lp for o in seq for lp in o.new_logprobs]
+            return {"tokens": [token_text(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
+                    "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in lps], "text_offset": []}
+
+        if not body.stream:
+            outs = await collect(q, choices)
+            record(body.model, outs, prompts, "ok")
+            return {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": [{"index": i, "text": "".join(o.new_text for o in outs[rid]), "logprobs": logprobs_of(outs[rid]),
+                                 "finish_reason": outs[rid][-1].finish_reason} for i, (rid, _) in enumerate(choices)],
+                    "usage": usage(prompts, outs)}
+
+        async def events() -> AsyncIterator[str]:
+            outs: dict[str, list[RequestOutput]] = {rid: [] for rid, _ in choices}
+            index = {rid: i for i, (rid, _) in enumerate(choices)}
+            remaining = len(choices)
+            try:
+                while remaining:
+                    out = await q.get()
+                    outs[out.request_id].append(out)
+                    remaining -= out.finished
+                    if out.new_text or out.finished:
+                        chunk = {"index": index[out.request_id], "text": out.new_text,
+                                 "logprobs": logprobs_of([out]), "finish_reason": out.finish_reason}
+                        yield sse({"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [chunk]})
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [],
+                               "usage": usage(prompts, outs)})
+                record(body.model, outs, prompts, "ok")
+                yield "data: [DONE]\n\n"
+            finally:
+                finish(choices, outs)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        try:
+            ids = engine.encode_chat(body.template_messages())
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        prompts = [ids]
+        room = engine.model.config.max_position_embeddings - len(ids)  # OpenAI's default: up to the context
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(room, 1)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        q: asyncio.Queue = asyncio.Queue()
+        choices = await start(body, prompts, max_tokens, logprobs, q)
+        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+
+        def logprobs_of(seq: list[RequestOutput]) -> dict | None:
+            if logprobs is None:
+                return None
+            content = []
+            for lp in (lp for o in seq for lp in o.new_logprobs):
+                text = token_text(lp.token_id)
+                content.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode()),
+                                "top_logprobs": [{"token": token_text(t), "logprob": v, "bytes": list(token_text(t).encode())}
+                                                 for t, v in lp.top]})
+            return {"content": content}
+
+        if not body.stream:
+            outs = await collect(q, choices)
+            record(body.model, outs, prompts, "ok")
+            return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(o.new_text for o in outs[rid])},
+                                 "logprobs": logprobs_of(outs[rid]), "finish_reason": outs[rid][-1].finish_reason}
+                                for i, (rid, _) in enumerate(choices)],
+                    "usage": usage(prompts, outs)}
+
+        async def events() -> AsyncIterator[str]:
+            outs: dict[str, list[RequestOutput]] = {rid: [] for rid, _ in choices}
+            index = {rid: i for i, (rid, _) in enumerate(choices)}
+            head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+            remaining = len(choices)
+            try:
+                yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                                "finish_reason": None} for i in range(len(choices))]})
+                while remaining:
+                    out = await q.get()
+                    outs[out.request_id].append(out)
+                    remaining -= out.finished
+                    if out.new_text or out.finished:
+                        delta = {"content": out.new_text} if out.new_text else {}
+                        yield sse({**head, "choices": [{"index": index[out.request_id], "delta": delta,
+                                                        "logprobs": logprobs_of([out]), "finish_reason": out.finish_reason}]})
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({**head, "choices": [], "usage": usage(prompts, outs)})
+                record(body.model, outs, prompts, "ok")
+                yield "data: [DONE]\n\n"
+            finally:
+                finish(choices, outs)
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # --- files ----------------------------------------------------------------------------------
+    @v1.post("/files")
+    async def upload(file: UploadFile = File(...), purpose: str = Form(...)):
+        if purpose != "fine-tune":
+            raise APIError(400, f"purpose {purpose!r} is not supported; use 'fine-tune'", param="purpose")
+        content = await file.read(settings.max_upload_bytes + 1)
+        if len(content) > settings.max_upload_bytes:
+            raise APIError(413, f"file exceeds the upload limit of {settings.max_upload_bytes} bytes", param="file")
+        try:
+            parse_jsonl(content.splitlines())
+        except DataError as e:
+            raise APIError(400, f"invalid fine-tuning file: {e}", param="file", code="invalid_file") from None
+        return await asyncio.to_thread(store.add_file, file.filename or "upload.jsonl", purpose, content)
+
+    @v1.get("/files")
+    async def list_files(purpose: str | None = None):
+        return {"object": "list", "data": store.list_files(purpose), "has_more": False}
+
+    def file_or_404(file_id: str) -> dict:
+        record = store.get_file(file_id)
+        if record is None:
+            raise APIError(404, f"no such file: {file_id}", param="file_id", code="file_not_found")
+        return record
+
+    @v1.get("/files/{file_id}")
+    async def get_file(file_id: str):
+        return file_or_404(file_id)
+
+    @v1.get("/files/{file_id}/content")
+    async def file_content(file_id: str):
+        file_or_404(file_id)
+        return Response(store.file_path(file_id).read_bytes(), media_type="application/jsonl")
+
+    @v1.delete("/files/{file_id}")
+    async def delete_file(file_id: str):
+        file_or_404(file_id)
+        store.delete_file(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # --- fine-tuning ----------------------------------------------------------------------------
+    @v1.post("/fine_tuning/jobs")
+    async def create_job(body: FineTuningJobRequest):
+        if body.model != engine.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; fine-tune the base model {engine.model_name!r}",
+                           param="model", code="model_not_found")
+        file_or_404(body.training_file)
+        if body.validation_file is not None:
+            file_or_404(body.validation_file)
+        return await jobs.create(body, loop)
+
+    @v1.get("/fine_tuning/jobs")
+    async def list_jobs(after: str | None = None, limit: int = 20):
+        data, more = store.list_jobs(after, max(1, min(limit, 100)))
+        return {"object": "list", "data": data, "has_more": more}
+
+    def job_or_404(job_id: str) -> dict:
+        job = store.get_job(job_id)
+        if job is None:
+            raise APIError(404, f"no such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="job_not_found")
+        return job
+
+    @v1.get("/fine_tuning/jobs/{job_id}")
+    async def get_job(job_id: str):
+        return job_or_404(job_id)
+
+    @v1.post("/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str):
+        job_or_404(job_id)
+        return await jobs.cancel(job_id, loop)
+
+    @v1.get("/fine_tuning/jobs/{job_id}/events")
+    async def job_events(job_id: str, after: str | None = None, limit: int = 20):
+        job_or_404(job_id)
+        data, more = store.list_events(job_id, after, max(1, min(limit, 100)))
+        return {"object": "list", "data": data, "has_more": more}
+
+    @v1.get("/fine_tuning/jobs/{job_id}/checkpoints")
+    async def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10):
+        job_or_404(job_id)
+        data = store.list_checkpoints(job_id)
+        return {"object": "list", "data": data[: max(1, min(limit, 100))], "has_more": len(data) > limit,
+                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+    # --- adapters -------------------------------------------------------------------------------
+    @v1.post("/load_lora_adapter")
+    async def load_adapter(body: LoadAdapterRequest):
+        path = Path(body.lora_path).expanduser()
+        real = path.resolve()  # symlinks and '..' resolved before the check
+        allowed = (store.root, *settings.allowed_adapter_dirs)
+        if not any(real.is_relative_to(root) for root in allowed):
+            raise APIError(400, f"adapter path {body.lora_path!r} is outside the allowed directories", param="lora_path")
+        if body.lora_name in engine.adapters or body.lora_name == engine.model_name:
+            raise APIError(400, f"a model named {body.lora_name!r} is already loaded", param="lora_name")
+        try:  # files are read here, off the engine thread; registering is one step's pause at most
+            adapter = await asyncio.to_thread(load_peft_adapter, real, engine.model.config, body.lora_name,
+                                              dtype=engine.model.dtype, device=engine.model.device)
+            await loop.call(lambda e: e.adapters.add(adapter))
+        except AdapterError as e:
+            raise APIError(400, str(e), param="lora_path") from None
+        store.put_adapter(body.lora_name, {"path": str(real), "source": "loaded", "pinned": body.pinned})
+        return {"object": "lora_adapter", "lora_name": body.lora_name, "loaded": True}
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_adapter(body: UnloadAdapterRequest):
+        try:
+            await loop.call(lambda e: e.unload_adapter(body.lora_name))
+        except UnknownAdapterError as e:
+            raise APIError(404, str(e.args[0]), param="lora_name") from None
+        except ValueError as e:
+            raise APIError(409, str(e), param="lora_name") from None
+        store.remove_adapter(body.lora_name)
+        return {"object": "lora_adapter", "lora_name": body.lora_name, "loaded": False}
+
+    app.include_router(v1)
+    return app
+
+
+def engine_error(exc: BaseException) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(429, str(exc), code="queue_full")
+    if isinstance(exc, LookupError):
+        return APIError(404, str(exc.args[0] if exc.args else exc), param="model", code="model_not_found")
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), code="invalid_request")
+    log.error("engine call failed: %r", exc)
+    return APIError(500, "internal server error")
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+

@@ -1,0 +1,147 @@
+"""The server's data directory: a SQLite catalog beside the files it describes.
+
+    DATA_DIR/
+      loramux.db          files, jobs, job events, checkpoints, adapters (WAL, synchronous=FULL)
+      files/<id>.jsonl    uploaded files (written to a temporary name, fsynced, renamed)
+      jobs/<id>/          each job's checkpoints
+      adapters/<name>/    fine-tuned adapters in PEFT's format
+      .lock               held while a server runs: a second server on the same directory is refused
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, created_at INTEGER, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created_at INTEGER, status TEXT, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT, job_id TEXT, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (id TEXT PRIMARY KEY, job_id TEXT, step INTEGER, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+"""
+
+
+class DataDirLocked(RuntimeError):
+    """Another server holds the data directory."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class Store:
+    def __init__(self, data_dir: str | os.PathLike) -> None:
+        self.root = Path(data_dir).expanduser().resolve()
+        for sub in ("files", "jobs", "adapters"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise DataDirLocked(f"another loramux server is using {self.root}; stop it or choose another --data-dir") from None
+        self._db = sqlite3.connect(self.root / "loramux.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._mutex = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+
+    def _exec(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._mutex:
+            return self._db.execute(sql, args).fetchall()
+
+    # --- files ------------------------------------------------------------------------------------
+    def file_path(self, file_id: str) -> Path:
+        return self.root / "files" / f"{file_id}.jsonl"
+
+    def add_file(self, filename: str, purpose: str, content: bytes) -> dict:
+        file_id = new_id("file")
+        path = self.file_path(file_id)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        record = {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                  "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
+        self._exec("INSERT INTO files VALUES (?, ?, ?)", (file_id, record["created_at"], json.dumps(record)))
+        return record
+
+    def get_file(self, file_id: str) -> dict | None:
+        rows = self._exec("SELECT data FROM files WHERE id = ?", (file_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def list_files(self, purpose: str | None = None) -> list[dict]:
+        files = [json.loads(r[0]) for r in self._exec("SELECT data FROM files ORDER BY created_at DESC, id")]
+        return [f for f in files if purpose is None or f["purpose"] == purpose]
+
+    def delete_file(self, file_id: str) -> bool:
+        if self.get_file(file_id) is None:
+            return False
+        self._exec("DELETE FROM files WHERE id = ?", (file_id,))
+        self.file_path(file_id).unlink(missing_ok=True)
+        return True
+
+    # --- jobs ---------------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id
+
+    def put_job(self, job: dict) -> None:
+        self._exec("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?)", (job["id"], job["created_at"], job["status"], json.dumps(job)))
+
+    def get_job(self, job_id: str) -> dict | None:
+        rows = self._exec("SELECT data FROM jobs WHERE id = ?", (job_id,))
+        return json.loads(rows[0][0]) if rows else None
+
+    def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        jobs = [json.loads(r[0]) for r in self._exec("SELECT data FROM jobs ORDER BY created_at DESC, id DESC")]
+        if after is not None:
+            ids = [j["id"] for j in jobs]
+            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
+        return jobs[:limit], len(jobs) > limit
+
+    def jobs_with_status(self, *statuses: str) -> list[dict]:
+        marks = ",".join("?" * len(statuses))
+        return [json.loads(r[0]) for r in self._exec(f"SELECT data FROM jobs WHERE status IN ({marks}) ORDER BY created_at", statuses)]
+
+    def add_event(self, job_id: str, event: dict) -> None:
+        self._exec("INSERT INTO events (id, job_id, data) VALUES (?, ?, ?)", (event["id"], job_id, json.dumps(event)))
+
+    def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
+        events = [json.loads(r[0]) for r in self._exec("SELECT data FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))]
+        if after is not None:
+            ids = [e["id"] for e in events]
+            events = events[ids.index(after) + 1 :] if after in ids else []
+        return events[:limit], len(events) > limit
+
+    def add_checkpoint(self, job_id: str, checkpoint: dict) -> None:
+        self._exec("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
+                   (checkpoint["id"], job_id, checkpoint["step_number"], json.dumps(checkpoint)))
+
+    def list_checkpoints(self, job_id: str) -> list[dict]:
+        return [json.loads(r[0]) for r in self._exec("SELECT data FROM checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,))]
+
+    # --- adapters -----------------------------------------------------------------------------------
+    def put_adapter(self, name: str, info: dict[str, Any]) -> None:
+        self._exec("INSERT OR REPLACE INTO adapters VALUES (?, ?)", (name, json.dumps(info)))
+
+    def remove_adapter(self, name: str) -> None:
+        self._exec("DELETE FROM adapters WHERE name = ?", (name,))
+
+    def adapters(self) -> dict[str, dict]:
+        return {name: json.loads(data) for name, data in self._exec("SELECT name, data FROM adapters ORDER BY name")}
