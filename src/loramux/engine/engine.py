@@ -35,7 +35,7 @@ from loramux.lora.registry import AdapterRegistry
 from loramux.model.loader import LoadedModel, load_model
 from loramux.training.checkpoint import latest_checkpoint, restore_checkpoint
 from loramux.training.config import TrainingConfig
-from loramux.training.data import Sample, load_samples, parse_jsonl, tokenize
+from loramux.training.data import DataError, Sample, load_samples, parse_jsonl, tokenize
 from loramux.training.job import TrainingJob
 from loramux.training.trainer import Trainer
 
@@ -140,8 +140,13 @@ class Engine:
         eos = self.eos_token_ids[0]
         if isinstance(data, (str, os.PathLike)):
             return load_samples(data, self.tokenizer, eos, max_tokens)
-        records = parse_jsonl(json.dumps(r) for r in data)
-        return [tokenize(r, self.tokenizer, eos, max_tokens) for r in records]
+        lines = []
+        for number, record in enumerate(data, start=1):
+            try:
+                lines.append(json.dumps(record))
+            except (TypeError, ValueError) as e:
+                raise DataError(f"line {number}: not JSON data ({e})") from None
+        return [tokenize(r, self.tokenizer, eos, max_tokens) for r in parse_jsonl(lines)]
 
     def create_job(
         self,

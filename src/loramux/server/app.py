@@ -182,7 +182,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
         metrics.record_requests(model, status, prompts, outs)
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         prompts = [engine.encode(p) if isinstance(p, str) else p for p in body.prompts()]
         if not prompts:
             raise APIError(400, "prompt must not be empty", param="prompt")
@@ -212,7 +212,9 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
             remaining = len(choices)
             try:
                 while remaining:
-                    out = await q.get()
+                    out = await next_output(q, request)
+                    if out is None:
+                        return  # the client went away: `finish` aborts what is left
                     outs[out.request_id].append(out)
                     remaining -= out.finished
                     if out.new_text or out.finished:
@@ -230,7 +232,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
             ids = engine.encode_chat(body.template_messages())
         except ValueError as e:
@@ -272,7 +274,9 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
                 yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                                 "finish_reason": None} for i in range(len(choices))]})
                 while remaining:
-                    out = await q.get()
+                    out = await next_output(q, request)
+                    if out is None:
+                        return  # the client went away: `finish` aborts what is left
                     outs[out.request_id].append(out)
                     remaining -= out.finished
                     if out.new_text or out.finished:
@@ -416,6 +420,16 @@ def engine_error(exc: BaseException) -> APIError:
         return APIError(400, str(exc), code="invalid_request")
     log.error("engine call failed: %r", exc)
     return APIError(500, "internal server error")
+
+
+async def next_output(q: asyncio.Queue, request: Request, poll: float = 0.5) -> RequestOutput | None:
+    """The next output for a stream, or None once the client has disconnected."""
+    while True:
+        try:
+            return await asyncio.wait_for(q.get(), timeout=poll)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return None
 
 
 def sse(payload: dict[str, Any]) -> str:

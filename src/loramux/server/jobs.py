@@ -147,9 +147,9 @@ class JobService:
 
     def _sync_events(self, job: TrainingJob) -> bool:
         start = self._events_synced.get(job.id, 0)
-        for n, event in enumerate(job.events[start:], start=start):
+        for event in job.events[start:]:
             self.store.add_event(job.id, {
-                "id": f"ftevent-{job.id[-12:]}-{n}", "object": "fine_tuning.job.event", "created_at": int(event.created_at),
+                "id": new_id("ftevent"), "object": "fine_tuning.job.event", "created_at": int(event.created_at),
                 "level": "error" if "failed" in event.message else "info", "message": event.message,
                 "data": event.data, "type": "metrics" if "train_loss" in event.data or "eval_loss" in event.data else "message",
             })

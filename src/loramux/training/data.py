@@ -101,19 +101,19 @@ def tokenize(record: dict, tokenizer, eos_id: int, max_tokens: int) -> Sample:
 
 
 def _tokenize_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
-    """Renders the conversation with the chat template piece by piece: each assistant turn (its
-    content and end-of-turn) is a target, everything before it is context."""
+    """Renders the conversation with the chat template one message at a time; of an assistant
+    message's rendering, the content and what follows it (the end-of-turn) are targets, the header
+    before it (and any default system prompt the template adds) is context."""
     clean = [{"role": m["role"], "content": m["content"]} for m in messages]
     ids: list[int] = []
     mask: list[bool] = []
     rendered = ""
     for i, message in enumerate(clean):
-        if message["role"] == "assistant":
-            prefix = tokenizer.apply_chat_template(clean[:i], tokenize=False, add_generation_prompt=True) if i else ""
-            _extend(ids, mask, tokenizer, prefix[len(rendered) :], False)
-            rendered = prefix
         full = tokenizer.apply_chat_template(clean[: i + 1], tokenize=False)
-        _extend(ids, mask, tokenizer, full[len(rendered) :], message["role"] == "assistant")
+        piece = full[len(rendered) :]
+        split = piece.rfind(message["content"]) if message["role"] == "assistant" and message["content"] else len(piece)
+        _extend(ids, mask, tokenizer, piece[:split], False)
+        _extend(ids, mask, tokenizer, piece[split:], True)
         rendered = full
     return ids, mask
 
