@@ -110,6 +110,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
 
     @app.get("/metrics")
     async def prometheus():
+        await loop.call(metrics.observe_engine)  # gauges as of now, not as of the last step
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
     # --- models ---------------------------------------------------------------------------------
@@ -224,10 +225,10 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [],
                                "usage": usage(prompts, outs)})
-                record(body.model, outs, prompts, "ok")
                 yield "data: [DONE]\n\n"
             finally:
                 finish(choices, outs)
+                record(body.model, outs, prompts, "ok" if not remaining else "aborted")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -285,10 +286,10 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
                                                         "logprobs": logprobs_of([out]), "finish_reason": out.finish_reason}]})
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({**head, "choices": [], "usage": usage(prompts, outs)})
-                record(body.model, outs, prompts, "ok")
                 yield "data: [DONE]\n\n"
             finally:
                 finish(choices, outs)
+                record(body.model, outs, prompts, "ok" if not remaining else "aborted")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
