@@ -37,9 +37,9 @@ def _free_port() -> int:
 class Server:
     """`loramux serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, port: int | None = None) -> None:
         self.data_dir, self.args = data_dir, args
-        self.port = _free_port()
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data_dir.parent / f"server-{self.port}.log"
         self.proc = subprocess.Popen(
