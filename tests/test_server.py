@@ -326,3 +326,41 @@ def test_restart_after_sigkill_keeps_everything_and_resumes_the_job(tmp_path, ad
         assert job.fine_tuned_model in {m.id for m in client.models.list().data}
     finally:
         srv.stop()
+
+
+def test_resident_limit_evicts_idle_adapters_by_lru_and_reloads_them(tmp_path, adapter_dirs):
+    srv = Server(tmp_path / "data", "--max-adapters", "2", "--allow-adapter-dir", str(adapter_dirs["alpha"].parent),
+                 *[a for name in ("alpha", "beta", "gamma") for a in ("--adapter", f"{name}={adapter_dirs[name]}")])
+    try:
+        client = srv.client("x")
+        r = httpx.post(f"{srv.url}/v1/load_lora_adapter", json={"lora_name": "delta", "lora_path": str(adapter_dirs["delta"]), "pinned": True})
+        assert r.status_code == 200
+        question = [{"role": "user", "content": "Say something."}]
+        first = {}
+        for name in ("alpha", "beta", "gamma", "alpha", "beta", "gamma"):
+            reply = client.chat.completions.create(model=name, messages=question, max_tokens=8, temperature=0).choices[0].message.content
+            assert first.setdefault(name, reply) == reply  # reloaded from disk, same weights, same answer
+            models = {m.id: m.model_extra["resident"] for m in client.models.list().data}
+            assert sum(models[n] for n in ADAPTERS) <= 2 and models["delta"], models
+            assert models[name]
+        assert {m.id for m in client.models.list().data} == {BASE, *ADAPTERS}
+    finally:
+        srv.stop()
+
+
+def test_cli_commands_against_a_server(server, adapter_dirs):
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "loramux.cli", *args, "--server", server.url, "--api-key", KEY],
+                              capture_output=True, text=True, timeout=600)
+
+    listed = cli("adapters", "list")
+    assert listed.returncode == 0 and all(name in listed.stdout for name in (BASE, *ADAPTERS))
+    assert cli("adapters", "load", "alpha-cli", str(adapter_dirs["alpha"])).returncode == 0
+    assert "alpha-cli" in cli("adapters", "list").stdout
+    assert cli("adapters", "unload", "alpha-cli").returncode == 0
+    missing = cli("adapters", "unload", "alpha-cli")
+    assert missing.returncode == 2 and "404" in missing.stderr and "Traceback" not in missing.stderr
+    job = cli("finetune", "--data", str(shipped("reverse_words/train.jsonl")), "--name", "clirev", "--max-steps", "3",
+              "--batch-size", "4", "--rank", "4")
+    assert job.returncode == 0, job.stderr
+    assert "step 3/3" in job.stderr and "fine-tuned model 'ft:" in job.stdout

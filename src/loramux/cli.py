@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", required=True, help="training JSONL: {prompt, completion} or {messages: [...]} per line")
     ft.add_argument("--val", default=None, help="validation JSONL, same formats")
     ft.add_argument("--name", required=True, help="adapter name")
-    ft.add_argument("--output-dir", required=True, help="where the adapter is written, in PEFT's format")
+    ft.add_argument("--output-dir", default=None, help="where the adapter is written, in PEFT's format (local runs)")
+    ft.add_argument("--server", default=None, metavar="URL", help="submit the job to a running `loramux serve` and follow it")
+    ft.add_argument("--api-key", default=None, help="the server's API key (env LORAMUX_API_KEY)")
     ft.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT_DIR/checkpoints; a rerun resumes from the latest")
     ft.add_argument("--adapter-init", default=None, metavar="PATH", help="continue training this PEFT adapter")
     lora = ft.add_argument_group("LoRA")
@@ -78,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints (0: none)")
     ft.set_defaults(run=_finetune)
 
+    adapters = sub.add_parser("adapters", help="list, load or unload adapters of a running server")
+    adapters.add_argument("action", choices=["list", "load", "unload"])
+    adapters.add_argument("name", nargs="?", help="adapter name (load, unload)")
+    adapters.add_argument("path", nargs="?", help="PEFT adapter directory on the server's machine (load)")
+    adapters.add_argument("--server", required=True, metavar="URL")
+    adapters.add_argument("--api-key", default=None, help="the server's API key (env LORAMUX_API_KEY)")
+    adapters.set_defaults(run=_adapters)
+
     serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP server (inference and fine-tuning)")
     _add_model_options(serve)
     serve.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=PATH",
@@ -92,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=64.0, help="largest uploaded file")
     serve.add_argument("--kv-cache-mb", type=int, default=512, help="memory for the paged KV cache")
     serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond this get 429")
+    serve.add_argument("--max-adapters", type=int, default=0,
+                       help="resident adapter limit; idle ones are evicted by LRU and reloaded on demand (0: none)")
     serve.set_defaults(run=_serve)
 
     demo = sub.add_parser("demo", help="a tour on the default model")
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (AdapterError, UnknownAdapterError, UnsupportedModelError, ValueError, LookupError) as e:
+    except (AdapterError, UnknownAdapterError, UnsupportedModelError, ValueError, LookupError) as e:  # incl. ServerError
         print(f"loramux: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
@@ -148,6 +160,7 @@ def _serve(args) -> int:
     from loramux import Engine, EngineConfig, SchedulerConfig
     from loramux.engine.engine import parse_dtype
     from loramux.model.loader import load_model
+    from loramux.lora.peft_io import load_peft_adapter
     from loramux.server.app import Settings, create_app
     from loramux.server.store import DataDirLocked, Store
 
@@ -158,18 +171,77 @@ def _serve(args) -> int:
         raise ValueError(str(e)) from None
     engine = Engine(load_model(args.model, cache=args.cache_dir, dtype=parse_dtype(args.dtype)),
                     EngineConfig(kv_cache_memory=args.kv_cache_mb * 2**20, scheduler=SchedulerConfig(max_waiting=args.max_waiting)))
-    for name, path in args.adapter:
-        engine.load_adapter(name, path)
+    for name, path in args.adapter:  # into the catalog: evictable, reloaded on demand, kept across restarts
+        load_peft_adapter(path, engine.model.config, name)  # refuse a bad one now, with its reason
+        store.put_adapter(name, {"path": str(Path(path).resolve()), "source": "--adapter", "pinned": False})
     settings = Settings(api_key=args.api_key or os.environ.get("LORAMUX_API_KEY"), allowed_adapter_dirs=tuple(args.allow_adapter_dir),
-                        max_body_bytes=int(args.max_body_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20))
+                        max_body_bytes=int(args.max_body_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),
+                        max_resident_adapters=args.max_adapters)
     app = create_app(engine, store, settings)
     print(f"loramux serving {engine.model_name} on http://{args.host}:{args.port}/v1 (data in {store.root})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
+def _client(args):
+    import os
+
+    from loramux.client import Client
+
+    return Client(args.server, args.api_key or os.environ.get("LORAMUX_API_KEY"))
+
+
+def _adapters(args) -> int:
+    client = _client(args)
+    if args.action == "list":
+        for model in client.models():
+            print(model["id"] + (f"  (adapter of {model['parent']})" if model.get("parent") else "  (base model)"))
+        return 0
+    if not args.name or (args.action == "load" and not args.path):
+        raise ValueError(f"adapters {args.action} needs NAME" + (" and PATH" if args.action == "load" else ""))
+    if args.action == "load":
+        client.load_adapter(args.name, args.path)
+    else:
+        client.unload_adapter(args.name)
+    print(f"{args.name}: {'loaded' if args.action == 'load' else 'unloaded'}")
+    return 0
+
+
+def _finetune_on_server(args) -> int:
+    client = _client(args)
+    train = client.upload(args.data)
+    val = client.upload(args.val) if args.val else None
+    targets = args.target_modules if args.target_modules == "all-linear" else [t.strip() for t in args.target_modules.split(",")]
+    job = client.create_job({
+        "model": client.models()[0]["id"], "training_file": train["id"], "validation_file": val["id"] if val else None,
+        "suffix": args.name, "seed": args.seed,
+        "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.learning_rate / 2e-4},
+        "lora": {"r": args.rank, "alpha": args.alpha, "dropout": args.dropout, "target_modules": targets, "use_rslora": args.rslora},
+        "training": {"max_steps": args.max_steps, "gradient_accumulation": args.gradient_accumulation, "lr_schedule": args.lr_schedule,
+                     "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "eval_every": args.eval_every,
+                     "checkpoint_every": args.checkpoint_every},
+    })
+    print(f"job {job['id']} submitted to {args.server}", file=sys.stderr, flush=True)
+    progress = ProgressLine(sys.stderr)
+    eval_loss = None
+    for job, events in client.follow(job["id"]):
+        for event in events:
+            eval_loss = (event.get("data") or {}).get("eval_loss", eval_loss)
+            progress.update(event["message"], event.get("data") or {}, eval_loss)
+    progress.close()
+    if job["status"] != "succeeded":
+        raise ValueError(f"job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}")
+    print(f"fine-tuned model {job['fine_tuned_model']!r} is served by {args.server}", flush=True)
+    return 0
+
+
 def _finetune(args) -> int:
     from loramux import LoraConfig, TrainingConfig
+
+    if args.server:
+        return _finetune_on_server(args)
+    if not args.output_dir:
+        raise ValueError("--output-dir is required (or --server URL to train on a running server)")
 
     targets = "all-linear" if args.target_modules == "all-linear" else tuple(t.strip() for t in args.target_modules.split(","))
     lora = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, use_rslora=args.rslora)
@@ -192,7 +264,7 @@ def _finetune(args) -> int:
     while engine.has_work:
         engine.step()
         for event in job.events[seen:]:
-            progress.update(job, event)
+            progress.update(event.message, event.data, job.last_eval_loss)
         seen = len(job.events)
     progress.close()
     if job.error:
@@ -210,14 +282,15 @@ class ProgressLine:
         self.stream = stream
         self.live = stream.isatty()
 
-    def update(self, job, event) -> None:
-        if "step" not in event.data or "total_steps" not in event.data:
-            self._print(event.message)
+    def update(self, message: str, data: dict, eval_loss: float | None) -> None:
+        """One job event: a progress line for step metrics, the message itself otherwise."""
+        if "total_steps" not in data:
+            self._print(message)
             return
-        d = event.data
+        d = data
         done = d["step"] / d["total_steps"]
         bar = "#" * int(24 * done) + "-" * (24 - int(24 * done))
-        eval_loss = f" eval {job.last_eval_loss:.4f}" if job.last_eval_loss is not None else ""
+        eval_loss = f" eval {eval_loss:.4f}" if eval_loss is not None else ""
         eta = int(d["eta_seconds"])
         line = (f"step {d['step']}/{d['total_steps']} [{bar}] loss {d['train_loss']:.4f}{eval_loss} "
                 f"| {d['tokens_per_second']:.0f} tok/s | ETA {eta // 60}:{eta % 60:02d}")
@@ -274,7 +347,7 @@ def _demo(args) -> int:
             served.append(engine.add_request(prompts[n % 4], users[n % 3], SamplingParams(max_tokens=16), chat=True))
         engine.step()
         for event in job.events[seen:]:
-            progress.update(job, event)
+            progress.update(event.message, event.data, job.last_eval_loss)
         seen = len(job.events)
     progress.close()
     done = [r for r in served if r.metrics.tpot is not None]

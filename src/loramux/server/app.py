@@ -23,11 +23,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from loramux.engine.engine import Engine
 from loramux.engine.requests import RequestOutput
 from loramux.engine.scheduler import QueueFullError
-from loramux.lora.adapter import AdapterError, UnknownAdapterError
+from loramux.lora.adapter import AdapterError
 from loramux.lora.peft_io import load_peft_adapter
 from loramux.server.engine_loop import EngineLoop
 from loramux.server.jobs import JobService
 from loramux.server.metrics import Metrics
+from loramux.server.resident import ResidentAdapters
 from loramux.server.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, FineTuningJobRequest, LoadAdapterRequest, SamplingFields,
     UnloadAdapterRequest,
@@ -41,8 +42,9 @@ DEFAULT_MAX_TOKENS = 16
 
 class Settings:
     def __init__(self, *, api_key: str | None = None, allowed_adapter_dirs: tuple[str, ...] = (),
-                 max_body_bytes: int = 16 * 2**20, max_upload_bytes: int = 64 * 2**20) -> None:
+                 max_body_bytes: int = 16 * 2**20, max_upload_bytes: int = 64 * 2**20, max_resident_adapters: int = 0) -> None:
         self.api_key = api_key
+        self.max_resident_adapters = max_resident_adapters  # 0: no limit
         self.allowed_adapter_dirs = tuple(Path(d).expanduser().resolve() for d in allowed_adapter_dirs)
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
@@ -52,11 +54,13 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
     settings = settings or Settings()
     metrics = Metrics()
     jobs = JobService(engine, store, metrics)
+    resident = ResidentAdapters(engine, store, settings.max_resident_adapters)
     loop = EngineLoop(engine, on_step=lambda e: (jobs.sync(), metrics.observe_engine(e)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         jobs.recover()  # before the loop starts: the engine thread is not running yet
+        resident.make_room(0)
         loop.start()
         yield
         loop.stop()
@@ -116,25 +120,35 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
     # --- models ---------------------------------------------------------------------------------
     @v1.get("/models")
     async def list_models():
-        names = await loop.call(lambda e: e.adapters.names())
+        loaded = set(await loop.call(lambda e: e.adapters.names()))
         base = engine.model_name
-        data = [{"id": base, "object": "model", "created": 0, "owned_by": "loramux", "root": base, "parent": None}]
-        data += [{"id": n, "object": "model", "created": 0, "owned_by": "loramux", "root": base, "parent": base} for n in names]
+        data = [{"id": base, "object": "model", "created": 0, "owned_by": "loramux", "root": base, "parent": None, "resident": True}]
+        data += [{"id": n, "object": "model", "created": 0, "owned_by": "loramux", "root": base, "parent": base,
+                  "resident": n in loaded} for n in sorted(loaded | set(store.adapters()))]
         return {"object": "list", "data": data}
 
-    def adapter_of(model: str) -> str | None:
+    async def reserve(model: str) -> str | None:
+        """The adapter a request names (None: the base model), made resident and held until released."""
         if model == engine.model_name:
             return None
-        if model not in engine.adapters:
+        if not resident.known(model):
             raise APIError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+        await resident.reserve(model, loop)
         return model
 
     # --- inference ------------------------------------------------------------------------------
     async def start(body: SamplingFields, prompts: list[list[int]], max_tokens: int, logprobs: int | None,
                     q: asyncio.Queue) -> list[tuple[str, int]]:
         """Adds n requests per prompt; returns (request id, prompt index) per choice, in choice order."""
-        adapter = adapter_of(body.model)
         slo = body.slo_for(engine.config.scheduler.default_slo)
+        adapter = await reserve(body.model)
+        try:
+            return await add_choices(body, prompts, max_tokens, logprobs, q, adapter, slo)
+        finally:
+            if adapter is not None:
+                loop.submit(lambda e: resident.release(adapter))
+
+    async def add_choices(body, prompts, max_tokens, logprobs, q, adapter, slo) -> list[tuple[str, int]]:
         choices = []
         for p, ids in enumerate(prompts):
             for i in range(body.n):
@@ -384,12 +398,12 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
         allowed = (store.root, *settings.allowed_adapter_dirs)
         if not any(real.is_relative_to(root) for root in allowed):
             raise APIError(400, f"adapter path {body.lora_path!r} is outside the allowed directories", param="lora_path")
-        if body.lora_name in engine.adapters or body.lora_name == engine.model_name:
+        if resident.known(body.lora_name) or body.lora_name == engine.model_name:
             raise APIError(400, f"a model named {body.lora_name!r} is already loaded", param="lora_name")
         try:  # files are read here, off the engine thread; registering is one step's pause at most
             adapter = await asyncio.to_thread(load_peft_adapter, real, engine.model.config, body.lora_name,
                                               dtype=engine.model.dtype, device=engine.model.device)
-            await loop.call(lambda e: e.adapters.add(adapter))
+            await loop.call(lambda e: (resident.make_room(1), e.adapters.add(adapter)))
         except AdapterError as e:
             raise APIError(400, str(e), param="lora_path") from None
         store.put_adapter(body.lora_name, {"path": str(real), "source": "loaded", "pinned": body.pinned})
@@ -397,10 +411,10 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
 
     @v1.post("/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapterRequest):
+        if not resident.known(body.lora_name):
+            raise APIError(404, f"no adapter named {body.lora_name!r}", param="lora_name")
         try:
-            await loop.call(lambda e: e.unload_adapter(body.lora_name))
-        except UnknownAdapterError as e:
-            raise APIError(404, str(e.args[0]), param="lora_name") from None
+            await loop.call(lambda e: e.unload_adapter(body.lora_name) if body.lora_name in e.adapters else None)
         except ValueError as e:
             raise APIError(409, str(e), param="lora_name") from None
         store.remove_adapter(body.lora_name)
