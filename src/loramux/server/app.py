@@ -196,6 +196,32 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
     def record(model: str, outs: dict[str, list[RequestOutput]], prompts: list[list[int]], status: str) -> None:
         metrics.record_requests(model, status, prompts, outs)
 
+    async def stream(request: Request, body: SamplingFields, q: asyncio.Queue, choices: list[tuple[str, int]],
+                     prompts: list[list[int]], head: dict, chunk, opening: list[dict] | None = None) -> AsyncIterator[str]:
+        """Server-sent events of the choices' outputs: `chunk(index, output)` shapes each one; an
+        optional opening chunk; a usage chunk if asked for; then [DONE]. A client that goes away has
+        its requests aborted."""
+        outs: dict[str, list[RequestOutput]] = {rid: [] for rid, _ in choices}
+        index = {rid: i for i, (rid, _) in enumerate(choices)}
+        remaining = len(choices)
+        try:
+            if opening:
+                yield sse({**head, "choices": opening})
+            while remaining:
+                out = await next_output(q, request)
+                if out is None:
+                    return  # the client went away: `finish` aborts what is left
+                outs[out.request_id].append(out)
+                remaining -= out.finished
+                if out.new_text or out.finished:
+                    yield sse({**head, "choices": [chunk(index[out.request_id], out)]})
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse({**head, "choices": [], "usage": usage(prompts, outs)})
+            yield "data: [DONE]\n\n"
+        finally:
+            finish(choices, outs)
+            record(body.model, outs, prompts, "ok" if not remaining else "aborted")
+
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompts = [engine.encode(p) if isinstance(p, str) else p for p in body.prompts()]
@@ -221,30 +247,10 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
                                  "finish_reason": outs[rid][-1].finish_reason} for i, (rid, _) in enumerate(choices)],
                     "usage": usage(prompts, outs)}
 
-        async def events() -> AsyncIterator[str]:
-            outs: dict[str, list[RequestOutput]] = {rid: [] for rid, _ in choices}
-            index = {rid: i for i, (rid, _) in enumerate(choices)}
-            remaining = len(choices)
-            try:
-                while remaining:
-                    out = await next_output(q, request)
-                    if out is None:
-                        return  # the client went away: `finish` aborts what is left
-                    outs[out.request_id].append(out)
-                    remaining -= out.finished
-                    if out.new_text or out.finished:
-                        chunk = {"index": index[out.request_id], "text": out.new_text,
-                                 "logprobs": logprobs_of([out]), "finish_reason": out.finish_reason}
-                        yield sse({"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [chunk]})
-                if body.stream_options and body.stream_options.include_usage:
-                    yield sse({"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [],
-                               "usage": usage(prompts, outs)})
-                yield "data: [DONE]\n\n"
-            finally:
-                finish(choices, outs)
-                record(body.model, outs, prompts, "ok" if not remaining else "aborted")
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        head = {"id": cid, "object": "text_completion", "created": created, "model": body.model}
+        chunk = lambda index, out: {"index": index, "text": out.new_text, "logprobs": logprobs_of([out]),  # noqa: E731
+                                    "finish_reason": out.finish_reason}
+        return StreamingResponse(stream(request, body, q, choices, prompts, head, chunk), media_type="text/event-stream")
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -280,32 +286,12 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
                                 for i, (rid, _) in enumerate(choices)],
                     "usage": usage(prompts, outs)}
 
-        async def events() -> AsyncIterator[str]:
-            outs: dict[str, list[RequestOutput]] = {rid: [] for rid, _ in choices}
-            index = {rid: i for i, (rid, _) in enumerate(choices)}
-            head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
-            remaining = len(choices)
-            try:
-                yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                                "finish_reason": None} for i in range(len(choices))]})
-                while remaining:
-                    out = await next_output(q, request)
-                    if out is None:
-                        return  # the client went away: `finish` aborts what is left
-                    outs[out.request_id].append(out)
-                    remaining -= out.finished
-                    if out.new_text or out.finished:
-                        delta = {"content": out.new_text} if out.new_text else {}
-                        yield sse({**head, "choices": [{"index": index[out.request_id], "delta": delta,
-                                                        "logprobs": logprobs_of([out]), "finish_reason": out.finish_reason}]})
-                if body.stream_options and body.stream_options.include_usage:
-                    yield sse({**head, "choices": [], "usage": usage(prompts, outs)})
-                yield "data: [DONE]\n\n"
-            finally:
-                finish(choices, outs)
-                record(body.model, outs, prompts, "ok" if not remaining else "aborted")
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+        opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                   for i in range(len(choices))]
+        chunk = lambda index, out: {"index": index, "delta": {"content": out.new_text} if out.new_text else {},  # noqa: E731
+                                    "logprobs": logprobs_of([out]), "finish_reason": out.finish_reason}
+        return StreamingResponse(stream(request, body, q, choices, prompts, head, chunk, opening), media_type="text/event-stream")
 
     # --- files ----------------------------------------------------------------------------------
     @v1.post("/files")
