@@ -3,6 +3,7 @@ sized from measured step costs so that running requests keep their time-per-toke
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -190,7 +191,11 @@ class Scheduler:
                 chunks.append(ScheduledChunk(request, request.num_computed, request.num_tokens))
         # 2. Prefill chunks by deadline: partly prefilled running requests, then waiting ones.
         budget = self.rows_within_target(RowKind.PREFILL, {RowKind.DECODE: len(chunks)})
-        prefill_budget = max(budget, self.config.min_prefill_tokens)
+        # Requests already past their first-token deadline get their prompts in regardless of the
+        # running requests' TPOT: trickling them in would only make both targets miss for longer.
+        now = time.perf_counter()
+        late = sum(r.num_pending for r in (*self.running, *self.waiting) if r.metrics.first_token is None and r.deadline() < now)
+        prefill_budget = max(budget, self.config.min_prefill_tokens, min(late, self.config.max_step_tokens - len(chunks)))
         # After a preemption memory is short: admit nobody new this step (the preempted would thrash).
         waiting = [] if preempted else list(self.waiting)
         candidates = [r for r in self.running if r.num_pending > 1] + waiting
