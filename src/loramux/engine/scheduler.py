@@ -83,10 +83,6 @@ class StepCostModel:
         rates = tuple(max(float(r), 1e-3 * pooled, 1e-7) for r in coef[1:])
         return max(float(coef[0]), 0.0), rates
 
-    def predict(self, rows: Mapping[RowKind, int]) -> float | None:
-        fit = self.fit()
-        return None if fit is None else fit[0] + sum(r * n for r, n in zip(fit[1], self._counts(rows)))
-
     def max_rows_within(self, seconds: float, kind: RowKind, beside: Mapping[RowKind, int]) -> int | None:
         """How many rows of `kind` fit in `seconds` in a step that also carries `beside`."""
         fit = self.fit()

@@ -64,6 +64,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
         loop.start()
         yield
         loop.stop()
+        store.close()
 
     app = FastAPI(title="loramux", lifespan=lifespan)
     app.state.loop, app.state.jobs, app.state.metrics = loop, jobs, metrics
