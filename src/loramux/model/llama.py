@@ -86,14 +86,17 @@ class Attention(nn.Module):
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """q [heads, L, D] at positions [start_pos, start_pos + L); k, v [kv_heads, start_pos + L, D]."""
+    """q [heads, L, D] at positions [start_pos, start_pos + L); k, v [kv_heads, start_pos + L, D].
+    Called with a batch dimension of 1: on CPU, 3-D inputs fall back to the unfused math kernel,
+    which keeps the whole [heads, L, L] probability matrix for backward."""
     L, context = q.shape[1], k.shape[1]
+    q, k, v = q[None], k[None], v[None]
     if L == 1:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)[0]
     if context == L:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)[0]
     allowed = torch.arange(context, device=q.device)[None, :] <= torch.arange(start_pos, start_pos + L, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)[0]
 
 
 class MLP(nn.Module):
