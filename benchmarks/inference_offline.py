@@ -103,7 +103,7 @@ def main() -> None:
         "peft": {"seconds": peft_s, "output_tokens": peft_tokens, "tokens_per_second": peft_tps},
         "ratio_loramux_over_peft": ours_tps / peft_tps,
     }
-    print(f"| system | output tokens | seconds | output tokens/s |\n|---|---:|---:|---:|")
+    print("| system | output tokens | seconds | output tokens/s |\n|---|---:|---:|---:|")
     print(f"| loramux engine | {ours_tokens} | {ours_s:.2f} | {ours_tps:.1f} |")
     print(f"| transformers + PEFT generate(adapter_names=...) | {peft_tokens} | {peft_s:.2f} | {peft_tps:.1f} |")
     print(f"\nloramux / PEFT: {ours_tps / peft_tps:.2f}x ({args.dtype}, TPOT target {args.tpot}s, {torch.get_num_threads()} threads, "

@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -57,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from loramux.lora.layer import TILED_MIN_SEGMENTS
+from timing import time_interleaved
 from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 
@@ -125,24 +125,7 @@ def time_case(x, W, weights, segments, stacked, warmup: int, repeat: int) -> dic
         "loop": lambda: add_lora_loop(F.linear(x, W), x, segments, weights),
         "tiled": lambda: add_lora_tiled(F.linear(x, W), x, segments, stacked),
     }
-    names = list(fns)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(repeat):
-        order = names[i % 3 :] + names[: i % 3]  # rotate so no variant always runs first
-        for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            samples[n].append(time.perf_counter() - t0)
-    out = {}
-    for n, s in samples.items():
-        q1, med, q3 = statistics.quantiles(s, n=4) if len(s) > 1 else (s[0], s[0], s[0])
-        out[n] = 1e3 * statistics.median(s)
-        out[n + "_min"] = 1e3 * min(s)
-        out[n + "_iqr_pct"] = 100 * (q3 - q1) / med if med > 0 else 0.0
-    return out
+    return time_interleaved(fns, warmup, repeat)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -61,6 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from loramux.config import ModelConfig
+from timing import time_interleaved
 from loramux.engine.batch import Batch, Chunk, RowKind
 from loramux.kv.paged_cache import PagedKVCache
 
@@ -140,27 +140,6 @@ def check(kv, plan, q, k_c, v_c, layers, dtype) -> float:
     return diff
 
 
-def time_case(fns: dict, warmup: int, repeat: int) -> dict[str, float]:
-    names = list(fns)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(repeat):
-        r = i % len(names)
-        for n in names[r:] + names[:r]:  # rotate so no variant always runs first
-            t0 = time.perf_counter()
-            fns[n]()
-            samples[n].append(time.perf_counter() - t0)
-    out = {}
-    for n, s in samples.items():
-        q1, med, q3 = statistics.quantiles(s, n=4) if len(s) > 1 else (s[0], s[0], s[0])
-        out[n] = 1e3 * statistics.median(s)
-        out[n + "_min"] = 1e3 * min(s)
-        out[n + "_iqr_pct"] = 100 * (q3 - q1) / med if med > 0 else 0.0
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heads", type=int, default=9)
@@ -220,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                         "contiguous": lambda: contiguous_step(k_c, v_c, plan.decode_mask, q, L),
                         "gather": lambda: gather_step(kv, plan, L),
                     }
-                    ms = time_case(fns, a.warmup, a.repeat)
+                    ms = time_interleaved(fns, a.warmup, a.repeat)
                     esize = torch.empty((), dtype=dtype).element_size()
                     gathered = 2 * L * B * C * config.kv_size * esize  # K and V, padded width
                     gbps = gathered / (ms["gather"] * 1e-3) / 1e9
