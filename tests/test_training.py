@@ -10,7 +10,6 @@ import torch
 
 from loramux import JobState, LoraConfig, SamplingParams, TrainingConfig
 from loramux.datasets.reverse_words import reverse_words
-from loramux.engine.batch import RowKind
 from loramux.training.checkpoint import latest_checkpoint
 from loramux.training.optim import learning_rate
 

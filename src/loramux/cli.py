@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -328,7 +327,7 @@ def _demo(args) -> int:
     held_out = [json.loads(line) for line in shipped("reverse_words/val.jsonl").read_text().splitlines()]
     task = held_out[0]["prompt"].replace("\n", " / ")
     base = engine.generate([held_out[0]["prompt"]], max_tokens=8)[0].text
-    say(f"\nServing adapters 'poet' and 'coder' (rank 16, all linears) and the base model.")
+    say("\nServing adapters 'poet' and 'coder' (rank 16, all linears) and the base model.")
     say(f"The task to learn: {task!r} -> {held_out[0]['completion'].strip()!r}; the base model says {base.strip()!r}.")
     say("Fine-tuning adapter 'reverser' on the shipped reverse_words dataset (256 examples) in the same")
     say("forward passes that serve the requests:\n")
