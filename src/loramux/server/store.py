@@ -109,11 +109,7 @@ class Store:
 
     def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
         """Newest first; `after` is the id of the last job of the previous page."""
-        jobs = [json.loads(r[0]) for r in self._exec("SELECT data FROM jobs ORDER BY created_at DESC, id DESC")]
-        if after is not None:
-            ids = [j["id"] for j in jobs]
-            jobs = jobs[ids.index(after) + 1 :] if after in ids else []
-        return jobs[:limit], len(jobs) > limit
+        return _page([json.loads(r[0]) for r in self._exec("SELECT data FROM jobs ORDER BY created_at DESC, id DESC")], after, limit)
 
     def jobs_with_status(self, *statuses: str) -> list[dict]:
         marks = ",".join("?" * len(statuses))
@@ -123,11 +119,7 @@ class Store:
         self._exec("INSERT INTO events (id, job_id, data) VALUES (?, ?, ?)", (event["id"], job_id, json.dumps(event)))
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        events = [json.loads(r[0]) for r in self._exec("SELECT data FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))]
-        if after is not None:
-            ids = [e["id"] for e in events]
-            events = events[ids.index(after) + 1 :] if after in ids else []
-        return events[:limit], len(events) > limit
+        return _page([json.loads(r[0]) for r in self._exec("SELECT data FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))], after, limit)
 
     def add_checkpoint(self, job_id: str, checkpoint: dict) -> None:
         self._exec("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
@@ -145,3 +137,11 @@ class Store:
 
     def adapters(self) -> dict[str, dict]:
         return {name: json.loads(data) for name, data in self._exec("SELECT name, data FROM adapters ORDER BY name")}
+
+
+def _page(items: list[dict], after: str | None, limit: int) -> tuple[list[dict], bool]:
+    """OpenAI's cursor paging: the items after the one with id `after`, at most `limit`, and whether more follow."""
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return items[:limit], len(items) > limit
