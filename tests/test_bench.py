@@ -1,0 +1,150 @@
+"""The benchmark harness: its workloads and figures against hand-computed values, and each setting's
+quick mode run as a user would (`loramux bench SETTING --quick`), checked for well-formed reports
+(not for speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from loramux.bench.records import RequestRecord, percentile, summarize
+from loramux.bench.workload import Workload, make_requests, training_records
+
+POOL = list(range(1000, 9000))
+
+
+def test_workload_is_deterministic_and_sized():
+    w = Workload(num_requests=50, fixed_lengths=True, prompt_tokens=64, output_tokens=32, arrival="poisson", rate=2.0)
+    a, b = make_requests(w, POOL), make_requests(w, POOL)
+    assert a == b
+    assert all(len(r.prompt_ids) == 64 and r.max_tokens == 32 for r in a)
+    assert [r.arrival for r in a] == sorted(r.arrival for r in a) and a[0].arrival == 0.0
+    assert make_requests(Workload(seed=1), POOL) != make_requests(Workload(seed=0), POOL)
+
+
+def test_varied_lengths_stay_within_bounds():
+    w = Workload(num_requests=400, fixed_lengths=False, prompt_tokens=64, output_tokens=64, min_tokens=8,
+                 max_prompt_tokens=200, max_output_tokens=100)
+    reqs = make_requests(w, POOL)
+    prompts, outputs = [len(r.prompt_ids) for r in reqs], [r.max_tokens for r in reqs]
+    assert min(prompts) >= 8 and max(prompts) <= 200 and min(outputs) >= 8 and max(outputs) <= 100
+    assert 50 <= statistics.median(prompts) <= 80 and len(set(prompts)) > 20
+
+
+@pytest.mark.parametrize("arrival,cv_low,cv_high", [("poisson", 0.8, 1.2), ("bursty", 2.0, 4.5)])
+def test_arrival_processes_have_their_rate_and_burstiness(arrival, cv_low, cv_high):
+    w = Workload(num_requests=4000, arrival=arrival, rate=4.0, burst_cv=3.0)
+    times = [r.arrival for r in make_requests(w, POOL)]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert statistics.mean(gaps) == pytest.approx(0.25, rel=0.15)
+    assert cv_low < statistics.stdev(gaps) / statistics.mean(gaps) < cv_high
+
+
+def test_adapter_assignment_uniform_and_zipf():
+    uniform = Counter(r.adapter for r in make_requests(Workload(num_requests=64, num_adapters=8, active_adapters=4), POOL))
+    assert uniform == {f"bench-{i}": 16 for i in range(4)}
+    zipf = Counter(r.adapter for r in make_requests(
+        Workload(num_requests=2000, num_adapters=16, active_adapters=16, skew="zipf", zipf_s=1.1), POOL))
+    weights = [1 / (k + 1) ** 1.1 for k in range(16)]
+    assert zipf["bench-0"] / 2000 == pytest.approx(weights[0] / sum(weights), abs=0.03)
+    assert zipf["bench-0"] > zipf["bench-3"] > zipf["bench-15"]
+
+
+def test_bad_workloads_are_refused():
+    for kwargs in ({"arrival": "sometimes"}, {"skew": "heavy"}, {"arrival": "bursty", "burst_cv": 0.5},
+                   {"active_adapters": 5}, {"arrival": "poisson", "rate": 0}):
+        with pytest.raises(ValueError):
+            Workload(**kwargs)
+
+
+def test_summary_against_hand_computed_figures():
+    records = [
+        RequestRecord(0, "a", arrival=0.0, prompt_tokens=4, max_tokens=11, first_token=0.5, finished=1.5, output_tokens=11),  # tpot 0.1
+        RequestRecord(1, "a", arrival=1.0, prompt_tokens=4, max_tokens=11, first_token=4.0, finished=5.0, output_tokens=6),  # ttft 3
+        RequestRecord(2, None, arrival=2.0, prompt_tokens=4, max_tokens=11, first_token=2.2, finished=4.2, output_tokens=5),  # tpot 0.5
+        RequestRecord(3, None, arrival=3.0, prompt_tokens=4, max_tokens=5, error="HTTP 500"),
+    ]
+    s = summarize(records, ttft_target=2.0, tpot_target=0.25)
+    assert s["completed"] == 3 and s["errors"] == 1 and s["output_tokens"] == 22
+    assert s["seconds"] == 5.0 and s["output_tokens_per_second"] == pytest.approx(22 / 5)
+    assert s["slo_attainment"] == 0.25  # only request 0 meets both targets
+    assert s["ttft_p50"] == pytest.approx(0.5) and s["tpot_p50"] == pytest.approx(0.2)
+    assert percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(3.7)
+    assert math.isnan(percentile([], 50))
+
+
+def test_training_records_are_a_sorting_task():
+    r = training_records(3, words_per_sample=5, seed=1)
+    assert len(r) == 3
+    words = r[0]["prompt"].split(": ", 1)[1].split("\n")[0].split()
+    assert r[0]["completion"].split() == sorted(words) and len(words) == 5
+
+
+def _bench(tmp_path, setting: str, *extra: str) -> dict:
+    out = tmp_path / setting
+    proc = subprocess.run([sys.executable, "-m", "loramux.cli", "bench", setting, "--quick", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["setting"] == setting and report["config"]["quick"] is True
+    assert report["roofline"]["matmul_gflop_s_float32"] > 0 and report["roofline"]["linears_bound_tokens_s_bfloat16"] > 0
+    assert {"before", "after"} <= set(report["load"]) and report["machine"]["torch_threads"] >= 1
+    md = (out / "report.md").read_text()
+    assert "| system" in md or "| scenario" in md
+    for name in report["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"({name})" in md
+    return report
+
+
+def _assert_complete(records: list[dict]) -> None:
+    """Every request finished without error with exactly its requested number of tokens."""
+    assert records and all(r["error"] is None and r["finished"] is not None for r in records)
+    assert all(r["first_token"] >= r["arrival"] - 1e-6 and r["finished"] >= r["first_token"] for r in records)
+    assert all(r["output_tokens"] == r["max_tokens"] for r in records)
+
+
+@pytest.mark.integration
+def test_quick_inference_setting(tmp_path):
+    report = _bench(tmp_path, "inference")
+    summaries, records = report["results"]["summaries"], report["results"]["records"]
+    assert {"loramux", "loramux HTTP", "transformers + PEFT", "loramux, bare base model",
+            "loramux, 16 of 64 adapters", "loramux, 1 of 64 adapters"} <= set(summaries)
+    for system in ("loramux", "loramux HTTP", "transformers + PEFT"):
+        assert set(summaries[system]) == {"offline", "2"}
+        for label, recs in records[system].items():
+            _assert_complete(recs)
+            assert summaries[system][label]["completed"] == 4
+    # the same workload went to every system: identical token counts per request
+    counts = {s: sorted((r["index"], r["output_tokens"]) for r in records[s]["2"]) for s in ("loramux", "loramux HTTP", "transformers + PEFT")}
+    assert counts["loramux"] == counts["loramux HTTP"] == counts["transformers + PEFT"]
+
+
+@pytest.mark.integration
+def test_quick_finetune_setting(tmp_path):
+    report = _bench(tmp_path, "finetune")
+    scenarios = report["results"]["scenarios"]
+    assert set(scenarios) == {"loramux-1", "loramux-2", "peft-1", "peft-2"}
+    for name, r in scenarios.items():
+        assert len(r["losses"]) == int(name[-1]) and all(len(c) == 2 and all(math.isfinite(x) for x in c) for c in r["losses"])
+        assert r["tokens"] > 0 and r["peak_mb"] > r["training_peak_mb"] > 0
+    # two adapters trained on the same data: twice the tokens of one
+    assert scenarios["loramux-2"]["tokens"] == 2 * scenarios["loramux-1"]["tokens"]
+    assert scenarios["peft-2"]["tokens"] == 2 * scenarios["peft-1"]["tokens"]
+
+
+@pytest.mark.integration
+def test_quick_unified_setting(tmp_path):
+    report = _bench(tmp_path, "unified")
+    training, summaries = report["results"]["training"], report["results"]["summaries"]
+    assert set(training) == set(summaries) == {"loramux", "transformers + PEFT"}
+    for system, t in training.items():
+        assert t["solo_tokens_per_second"] > 0
+        assert t["rates"]["2"]["tokens_per_second"] > 0  # training went on while serving
+        _assert_complete(report["results"]["records"][system]["2"])
