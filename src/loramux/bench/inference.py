@@ -51,6 +51,8 @@ class InferenceBench:
         self.model_dir = Path(self.engine.loaded.path)  # the safetensors directory transformers and vLLM read
         self.pad_id = self.engine.tokenizer.eos_token_id
         self.requests = {label: make_requests(w, self.pool) for label, w in _workloads(options).items()}
+        self.base_requests = [dataclasses.replace(r, adapter=None) for r in self.requests["offline"]]
+        self.single_request = self.requests["offline"][:1]
         self.records: dict[str, dict[str, list[RequestRecord]]] = {}
 
     def _measure(self, system: str, runner) -> None:
@@ -82,10 +84,10 @@ class InferenceBench:
         return path
 
     def reference_points(self) -> None:
-        """loramux offline on the bare base model, and with 16 of 64 registered adapters vs 1 of them."""
+        """loramux offline on the bare base model, one request alone, and 16 of 64 registered adapters vs 1."""
         offline = self.requests["offline"]
-        base = [dataclasses.replace(r, adapter=None) for r in offline]
-        self.records["loramux, bare base model"] = {"offline": run_engine(self.engine, base, self.o.slo)}
+        self.records["loramux, bare base model"] = {"offline": run_engine(self.engine, self.base_requests, self.o.slo)}
+        self.records["loramux, 1 request"] = {"offline": run_engine(self.engine, self.single_request, self.o.slo)}
         scale = dataclasses.replace(self.o.workload, num_adapters=64)
         add_bench_adapters(self.engine, scale)
         names = scale.adapter_names
@@ -113,13 +115,17 @@ class InferenceBench:
         pad = self.pad_id
         peft_peer.run_inference(model, self.requests["offline"][:2], pad)  # warm-up
         self._measure("transformers + PEFT", lambda reqs: peft_peer.run_inference(model, reqs, pad))
+        self.records["transformers, bare base model"] = {"offline": peft_peer.run_inference(model, self.base_requests, pad)}
+        self.records["transformers + PEFT, 1 request"] = {"offline": peft_peer.run_inference(model, self.single_request, pad)}
+        single_base = [dataclasses.replace(self.single_request[0], adapter=None)]
+        self.records["transformers, 1 request, base model"] = {"offline": peft_peer.run_inference(model, single_base, pad)}
 
     def measure_vllm(self) -> None:
         url = f"http://127.0.0.1:{PORT_VLLM}"
         w = self.o.workload
         common = [self.o.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
                   "--served-model-name", "base", "--port", str(PORT_VLLM), "--dtype", self.o.dtype,
-                  "--max-model-len", "2048", "--gpu-memory-utilization", "0.3", "--disable-log-requests"]
+                  "--max-model-len", "2048", "--gpu-memory-utilization", "0.3"]
         env = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
         lora = ["--enable-lora", "--max-loras", str(max(w.active_adapters, 1)), "--max-lora-rank", str(max(w.rank, 8)),
                 "--lora-modules"] + [f"{n}={p}" for n, p in self.adapter_dirs.items()]
@@ -128,9 +134,8 @@ class InferenceBench:
             run_http(url, self.requests["offline"][:2], models)
             self._measure("vLLM CPU, LoRA", lambda reqs: run_http(url, reqs, models))
         with server_process(common, url, self.run.plot("vllm-base.log"), env) as _:
-            base = [dataclasses.replace(r, adapter=None) for r in self.requests["offline"]]
-            run_http(url, base[:2], {None: "base"})
-            self.records["vLLM CPU, bare base model"] = {"offline": run_http(url, base, {None: "base"})}
+            run_http(url, self.base_requests[:2], {None: "base"})
+            self.records["vLLM CPU, bare base model"] = {"offline": run_http(url, self.base_requests, {None: "base"})}
 
     def tabulate(self) -> None:
         o, run = self.o, self.run
@@ -140,9 +145,11 @@ class InferenceBench:
                        "records": {s: {l: record_dicts(r) for l, r in by.items()} for s, by in self.records.items()}}
         bound = run.compute_bound()
         peft_offline = summaries.get("transformers + PEFT", {}).get("offline", {}).get("output_tokens_per_second")
-        sat = Table(f"Saturation: {o.workload.num_requests} requests at once ({o.workload.describe().split(';')[0].split(', ', 1)[1]})",
+        sat = Table(f"Saturation: {o.workload.num_requests} requests at once ({o.workload.describe_lengths()}, {o.workload.active_adapters} adapters)",
                     ["system", "output tok/s", "x PEFT", "% of compute bound", "TTFT p50 s", "TPOT p50 ms", "TPOT p90 ms"])
         for system, by_label in summaries.items():
+            if "1 request" in system:
+                continue
             s = by_label["offline"]
             tps = s["output_tokens_per_second"]
             sat.rows.append([system, tps, tps / peft_offline if peft_offline else float("nan"), 100 * tps / bound,
@@ -158,7 +165,15 @@ class InferenceBench:
                     sweep.rows.append([system, float(label), s["output_tokens_per_second"], 100 * s["slo_attainment"],
                                        s["ttft_p50"], s["ttft_p90"], s["ttft_p99"], 1e3 * s["tpot_p50"], 1e3 * s["tpot_p90"],
                                        1e3 * s["tpot_p99"]])
-        run.tables += [sat, sweep]
+        single = Table("One request alone (batch-1 decode)", ["system", "TPOT p50 ms", "TTFT s", "x transformers"])
+        reference = summaries.get("transformers, 1 request, base model", {}).get("offline", {}).get("tpot_p50")
+        for system, by_label in summaries.items():
+            if "1 request" in system:
+                s = by_label["offline"]
+                single.rows.append([system, 1e3 * s["tpot_p50"], s["ttft_p50"],
+                                    reference / s["tpot_p50"] if reference else float("nan")])
+        single.note = "x transformers: how many times faster per token than plain transformers `generate` on the base model."
+        run.tables += [sat, sweep, single]
         swept = {s: by for s, by in summaries.items() if len(by) > 1}
         rates = [float(l) for l in self.requests if l != "offline"]
         run.plots.append(line_plot(run.plot("throughput_vs_rate.png"), "Inference throughput", "arrival rate (req/s)",

@@ -60,7 +60,7 @@ class _Clock:
 
 
 def generate_batch(model, batch: list[BenchRequest], pad_id: int, start: float, records: dict[int, RequestRecord]) -> None:
-    """One static batch; fills the batch's records."""
+    """One static batch; fills the batch's records. A batch with no adapter runs the bare base model."""
     from transformers import LogitsProcessorList
 
     width = max(len(r.prompt_ids) for r in batch)
@@ -68,10 +68,14 @@ def generate_batch(model, batch: list[BenchRequest], pad_id: int, start: float, 
     mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
     longest = max(r.max_tokens for r in batch)
     clock = _Clock(start)
+    kwargs = dict(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad_id, min_new_tokens=longest,
+                  max_new_tokens=longest, logits_processor=LogitsProcessorList([clock]))
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=mask, adapter_names=[r.adapter or BASE for r in batch],
-                       do_sample=False, pad_token_id=pad_id, min_new_tokens=longest, max_new_tokens=longest,
-                       logits_processor=LogitsProcessorList([clock]))
+        if any(r.adapter for r in batch):
+            model.generate(adapter_names=[r.adapter or BASE for r in batch], **kwargs)
+        else:  # the base model alone: plain transformers generate, PEFT's layers switched off
+            with model.disable_adapter():
+                model.generate(**kwargs)
     for r in batch:
         record = records[r.index]
         record.first_token, record.finished = clock.stamps[0], clock.stamps[r.max_tokens - 1]

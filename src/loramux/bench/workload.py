@@ -62,9 +62,12 @@ class Workload:
     def adapter_names(self) -> list[str]:
         return [f"bench-{i}" for i in range(self.num_adapters)]
 
+    def describe_lengths(self) -> str:
+        return (f"{self.prompt_tokens}-token prompts, {self.output_tokens} output tokens" if self.fixed_lengths else
+                f"prompts ~{self.prompt_tokens} and outputs ~{self.output_tokens} tokens (lognormal medians)")
+
     def describe(self) -> str:
-        lengths = (f"{self.prompt_tokens}-token prompts, {self.output_tokens} output tokens" if self.fixed_lengths else
-                   f"prompts ~{self.prompt_tokens} and outputs ~{self.output_tokens} tokens (lognormal medians)")
+        lengths = self.describe_lengths()
         arrivals = "all at once" if self.arrival == "offline" else f"{self.arrival} at {self.rate:g} req/s"
         return (f"{self.num_requests} requests, {lengths}, {arrivals}; {self.active_adapters} of {self.num_adapters} "
                 f"rank-{self.rank} adapters ({self.skew})")
