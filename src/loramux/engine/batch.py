@@ -93,6 +93,8 @@ class AttentionPlan:
     decode_rows [B]: single-token rows of cached sequences, attended in one batched call over
     decode_slots [B, C] (each sequence's context slots, padded) with decode_mask [B, 1, 1, C].
     spans: every other sequence (multi-token prefill chunks, TRAIN and EVAL samples), one call each.
+    writes_all_rows: write_rows is every row of the part, in order (no gather of K/V rows needed).
+    decodes_all_rows: decode_rows is every row of the part, in order (a pure decode step).
     """
 
     write_rows: torch.Tensor
@@ -101,6 +103,8 @@ class AttentionPlan:
     decode_slots: torch.Tensor
     decode_mask: torch.Tensor
     spans: tuple[Span, ...]
+    writes_all_rows: bool = False
+    decodes_all_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,8 @@ def _build_part(chunks: list[Chunk], builds_graph: bool, kv: PagedKVCache | None
         decode_slots=torch.tensor(padded, **long).reshape(len(padded), width),
         decode_mask=torch.tensor(mask, dtype=torch.bool, device=device).reshape(len(mask), 1, 1, width),
         spans=tuple(spans),
+        writes_all_rows=write_rows == list(range(len(ids))),
+        decodes_all_rows=decode_rows == list(range(len(ids))),
     )
     return BatchPart(
         builds_graph=builds_graph,

@@ -3,7 +3,9 @@
 k[layer], v[layer]: [num_blocks * block_size, kv_heads, head_dim]. Token `pos` of a sequence with
 block table `bt` lives in slot `bt[pos // block_size] * block_size + pos % block_size`. Writes and
 reads go through slot indices computed once per step (engine/batch.py), so attention reads a
-sequence's context with one gather per layer and never copies whole caches between steps.
+sequence's context with one gather per layer and never copies whole caches between steps. Gathers
+land in a workspace reused by every layer and step: fresh buffers of that size cost page faults
+each time (docs/benchmarks.md, paged attention).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class PagedKVCache:
         shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._workspace = torch.empty(2, 0, config.num_kv_heads, config.head_dim, dtype=dtype, device=device)  # K, V
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -52,3 +55,16 @@ class PagedKVCache:
         """k, v: [n, kv_heads, head_dim] into `slots` [n]."""
         self.k[layer].index_copy_(0, slots, k)
         self.v[layer].index_copy_(0, slots, v)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V at `slots` (any shape S), each [*S, kv_heads, head_dim]. Without autograd the
+        result is a view of the workspace, valid until the next `gather`: use it before calling again."""
+        if torch.is_grad_enabled():
+            return self.k[layer][slots], self.v[layer][slots]
+        n, flat = slots.numel(), slots.reshape(-1)
+        if self._workspace.shape[1] < n:
+            self._workspace = self._workspace.new_empty(2, max(n, 2 * self._workspace.shape[1]), *self._workspace.shape[2:])
+        k, v = self._workspace[0, :n], self._workspace[1, :n]
+        torch.index_select(self.k[layer], 0, flat, out=k)
+        torch.index_select(self.v[layer], 0, flat, out=v)
+        return k.view(*slots.shape, *k.shape[1:]), v.view(*slots.shape, *v.shape[1:])

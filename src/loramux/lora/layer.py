@@ -1,12 +1,21 @@
-"""The virtualized linear: one frozen base weight shared by any number of LoRA adapters."""
+"""The virtualized linear: frozen base weights shared by any number of LoRA adapters.
+
+`FusedLoraLinear` computes several projections that read the same input (q, k, v; or gate, up) as
+one GEMM over their concatenated frozen weights, and adds each projection's LoRA deltas to its own
+slice of the output. Each projection keeps its Hugging Face name and its own adapters in a
+`LoraProjection`, the unit the adapter registry installs weights into, so adapters may target any
+subset of the projections with any rank. `MultiLoraLinear` is the one-projection case (o, down).
+"""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop, add_lora_tiled
+from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop, add_lora_stacked, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 
 # Below this many segments the per-segment loop is as fast as the tiled batched path on CPU
@@ -14,53 +23,117 @@ from loramux.lora.segments import LoraSegments
 TILED_MIN_SEGMENTS = 16
 
 
-class MultiLoraLinear(nn.Module):
-    """y = x @ W.T (+ b) for all rows, then each adapter's delta on its own row segment.
+class LoraProjection:
+    """One named projection of a fused linear: output columns [offset, offset + out_features) and
+    the adapters installed on it (slot -> LoraWeights, A: [rank, in_features], B: [out_features, rank]).
+    The tensors are the adapter's own (shared, not copied), so an optimizer step on them is seen at once."""
 
-    weight: [out, in], frozen (requires_grad is False, always).
-    adapters: slot -> LoraWeights, installed and removed by the adapter registry. The tensors are
-    the adapter's own (shared, not copied), so an optimizer step on them is seen at once.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, name: str, layer_idx: int) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+    def __init__(self, owner: FusedLoraLinear, name: str, layer_idx: int, in_features: int, out_features: int, offset: int) -> None:
         self.name, self.layer_idx = name, layer_idx
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.in_features, self.out_features, self.offset = in_features, out_features, offset
         self.adapters: dict[int, LoraWeights] = {}
-        self._stacked: StackedLora | None = None
-        self._stacked_version = -1
+        self._owner = owner
 
     def set_adapter(self, slot: int, weights: LoraWeights) -> None:
         self.adapters[slot] = weights
-        self._stacked = None
+        self._owner.adapters_changed()
 
     def remove_adapter(self, slot: int) -> None:
         self.adapters.pop(slot, None)
+        self._owner.adapters_changed()
+
+
+class FusedLoraLinear(nn.Module):
+    """Projections sharing one input x [T, in], as one GEMM, each with its own LoRA adapters:
+
+        y = x @ W.T (+ b)                    W: [sum(out_i), in] = [W_q; W_k; W_v] (frozen, never requires grad)
+        y[seg, cols_i] += scale * (x[seg] @ A.T) @ B.T    for each adapter (A, B) on projection i,
+                                                            on that adapter's row segment only
+
+    outputs: (name, out_features) of each projection, in the order of their output columns.
+    projections: name -> LoraProjection. `split(y)` gives each projection's output, as views.
+
+    Rows that build graphs take the loop reference per projection (autograd reaches each adapter's
+    own A and B). Other rows use one stacked copy of all adapters of the group (`StackedLora`: A of
+    all projections concatenated, B block-diagonal, scale folded in), so each segment costs two
+    matmuls for the whole group; with many segments, two batched matmuls for all of them.
+    """
+
+    def __init__(self, in_features: int, outputs: Sequence[tuple[str, int]], bias: bool, layer_idx: int) -> None:
+        super().__init__()
+        self.in_features, self.layer_idx = in_features, layer_idx
+        self.sizes = tuple(size for _, size in outputs)
+        self.out_features = sum(self.sizes)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        self.projections: dict[str, LoraProjection] = {}
+        offset = 0
+        for name, size in outputs:
+            self.projections[name] = LoraProjection(self, name, layer_idx, in_features, size, offset)
+            offset += size
+        self.projection_list = tuple(self.projections.values())
+        self._slots: frozenset[int] = frozenset()  # slots with an adapter on any projection
+        self._stacked: StackedLora | None = None
+        self._stacked_version = -1
+
+    def adapters_changed(self) -> None:
+        self._slots = frozenset(s for p in self.projections.values() for s in p.adapters)
         self._stacked = None
 
-    def forward(self, x: torch.Tensor, segments: LoraSegments, builds_graph: bool, weights_version: int) -> torch.Tensor:
-        """x: [T, in] -> [T, out].
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """y [T, out_features] -> each projection's output [T, out_i], views in `outputs` order."""
+        return y.split(self.sizes, dim=-1)
 
-        builds_graph: rows of adapters being trained; the delta runs through the loop path so that
-        autograd reaches each adapter's own A and B. Otherwise (no grad) the tiled path is used when
-        it pays. `weights_version` changes whenever any adapter's weights change (it invalidates
-        the stacked copy used by the tiled path).
+    def stacked(self, weights_version: int) -> StackedLora:
+        """The group's adapters stacked by slot; rebuilt when `weights_version` changes."""
+        if self._stacked is None or self._stacked_version != weights_version:
+            self._stacked = StackedLora.build_fused(
+                [(p.adapters, p.out_features) for p in self.projections.values()], self.in_features
+            )
+            self._stacked_version = weights_version
+        return self._stacked
+
+    def forward(self, x: torch.Tensor, segments: LoraSegments, builds_graph: bool, weights_version: int) -> torch.Tensor:
+        """x: [T, in] -> y [T, out_features].
+
+        builds_graph: rows of adapters being trained; deltas run through the loop reference so that
+        autograd reaches each adapter's own A and B (with dropout). `weights_version` changes
+        whenever any adapter's weights change (it invalidates the stacked copy).
         """
         y = F.linear(x, self.weight, self.bias)
-        present = [s for s in segments.slots if s in self.adapters]
-        if not present:
+        if self._slots.isdisjoint(segments.slots):
             return y
-        use_tiled = (
-            not builds_graph
-            and not torch.is_grad_enabled()
-            and len(segments.segments) >= TILED_MIN_SEGMENTS
-            and len(present) == len(segments.slots)
-        )
-        if not use_tiled:
-            return add_lora_loop(y, x, segments, self.adapters, training=builds_graph)
-        if self._stacked is None or self._stacked_version != weights_version:
-            self._stacked = StackedLora.build(self.adapters, self.in_features, self.out_features)
-            self._stacked_version = weights_version
-        return add_lora_tiled(y, x, segments, self._stacked)
+        if builds_graph or torch.is_grad_enabled():
+            if len(self.sizes) == 1:
+                return add_lora_loop(y, x, segments, self.projection_list[0].adapters, training=builds_graph)
+            # Each projection's columns as their own tensor (autograd refuses in-place adds into
+            # views of a base output that does not require grad), then joined again.
+            parts = list(self.split(y))
+            for i, p in enumerate(self.projection_list):
+                if p.adapters:
+                    parts[i] = add_lora_loop(parts[i].clone(), x, segments, p.adapters, training=builds_graph)
+            return torch.cat(parts, dim=-1)
+        stacked = self.stacked(weights_version)
+        if len(segments.segments) >= TILED_MIN_SEGMENTS and self._slots.issuperset(segments.slots):
+            return add_lora_tiled(y, x, segments, stacked)
+        return add_lora_stacked(y, x, segments, stacked, self._slots)
+
+
+class MultiLoraLinear(FusedLoraLinear):
+    """A fused linear of one projection: y = x @ W.T (+ b), W: [out, in], plus each adapter's delta
+    on its own row segment. `adapters`, `set_adapter` and `remove_adapter` are the projection's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, name: str, layer_idx: int) -> None:
+        super().__init__(in_features, ((name, out_features),), bias, layer_idx)
+        self.name = name
+        self.projection = self.projections[name]
+
+    @property
+    def adapters(self) -> dict[int, LoraWeights]:
+        return self.projection.adapters
+
+    def set_adapter(self, slot: int, weights: LoraWeights) -> None:
+        self.projection.set_adapter(slot, weights)
+
+    def remove_adapter(self, slot: int) -> None:
+        self.projection.remove_adapter(slot)

@@ -8,15 +8,18 @@ Two implementations compute the same thing:
 
 - `add_lora_loop`: one pair of matmuls per segment. The plain reference, and the path for rows
   that build autograd graphs (few adapters with long segments, gradients into A and B only).
+- `add_lora_stacked`: one pair of matmuls per segment against the weights stacked by slot (scale
+  folded in); for a fused group of projections (q, k, v) the pair covers all of them at once.
 - `add_lora_tiled`: every segment cut into equal tiles; two batched matmuls over all tiles against
-  weights stacked by slot and padded to the largest rank. No Python loop over adapters; for
-  inference rows only (the stacked copy is not a leaf of the adapters' weights).
+  weights stacked by slot and padded to the largest rank. No Python loop over adapters.
+
+The last two are for inference rows only (the stacked copy is not a leaf of the adapters' weights).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping, Sequence
 
 import torch
 
@@ -40,7 +43,8 @@ class LoraWeights:
 
 @dataclass(frozen=True)
 class StackedLora:
-    """All adapters of one linear stacked by slot, padded to the largest rank, scale folded into B.
+    """All adapters of one linear (or of a fused group of projections sharing one input, see
+    `build_fused`) stacked by slot, padded to the largest rank, scale folded into B.
 
     A_t: [num_slots, in, max_rank]   (A transposed, zero columns past each adapter's rank)
     B_t: [num_slots, max_rank, out]  (scale * B transposed, zero rows past each adapter's rank)
@@ -52,16 +56,30 @@ class StackedLora:
 
     @classmethod
     def build(cls, weights: Mapping[int, LoraWeights], in_features: int, out_features: int) -> StackedLora:
-        any_w = next(iter(weights.values()))
-        num_slots = max(weights) + 1
-        max_rank = max(w.rank for w in weights.values())
+        return cls.build_fused([(weights, out_features)], in_features)
+
+    @classmethod
+    def build_fused(cls, projections: Sequence[tuple[Mapping[int, LoraWeights], int]], in_features: int) -> StackedLora:
+        """Projections sharing one input, each (its adapters by slot, its out_features), output
+        columns concatenated in this order. Projection i gets rank columns [r_i, r_i + max rank on
+        it) of A_t and the matching rows of B_t, which are zero outside its own output columns:
+
+        A_t[slot] = [A_0.T | A_1.T | ...]          [in, sum of max ranks]
+        B_t[slot] = blockdiag(s B_0.T, s B_1.T, ...) [sum of max ranks, sum of out_features]
+        """
+        any_w = next(w for weights, _ in projections for w in weights.values())
+        num_slots = max(slot for weights, _ in projections for slot in weights) + 1
+        ranks = [max((w.rank for w in weights.values()), default=0) for weights, _ in projections]
         kw = dict(dtype=any_w.A.dtype, device=any_w.A.device)
-        A_t = torch.zeros(num_slots, in_features, max_rank, **kw)
-        B_t = torch.zeros(num_slots, max_rank, out_features, **kw)
+        A_t = torch.zeros(num_slots, in_features, sum(ranks), **kw)
+        B_t = torch.zeros(num_slots, sum(ranks), sum(out for _, out in projections), **kw)
+        r0 = c0 = 0
         with torch.no_grad():
-            for slot, w in weights.items():
-                A_t[slot, :, : w.rank] = w.A.T
-                B_t[slot, : w.rank, :] = w.scale * w.B.T
+            for (weights, out), rank in zip(projections, ranks):
+                for slot, w in weights.items():
+                    A_t[slot, :, r0 : r0 + w.rank] = w.A.T
+                    B_t[slot, r0 : r0 + w.rank, c0 : c0 + out] = w.scale * w.B.T
+                r0, c0 = r0 + rank, c0 + out
         return cls(A_t, B_t)
 
 
@@ -80,6 +98,20 @@ def add_lora_loop(
             keep = torch.empty_like(xs).bernoulli_(1.0 - w.dropout, generator=w.dropout_generator)
             xs = xs * keep / (1.0 - w.dropout)
         y[start:end] += w.scale * ((xs @ w.A.T) @ w.B.T)
+    return y
+
+
+def add_lora_stacked(
+    y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, stacked: StackedLora, slots: Collection[int]
+) -> torch.Tensor:
+    """Same result as `add_lora_loop` (no dropout) for the adapters of `slots` (those present in
+    `stacked`); y: [T, out], x: [T, in]; returns y. Per segment (start, end, slot):
+
+    y[start:end] += (x[start:end] @ A_t[slot]) @ B_t[slot]      [n, in] @ [in, R] @ [R, out]
+    """
+    for start, end, slot in segments.segments:
+        if slot in slots:
+            y[start:end].addmm_(x[start:end] @ stacked.A_t[slot], stacked.B_t[slot])
     return y
 
 

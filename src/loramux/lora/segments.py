@@ -16,6 +16,7 @@ class LoraSegments:
 
     segments:   (start, end, slot) triples: rows [start, end) use adapter `slot`. Segments are
                 disjoint and sorted; rows in no segment get the base output alone.
+    slots:      the set of slots of `segments`.
     For the batched (tiled) path every segment is cut into tiles of `tile` rows:
     tile_rows:  [n_tiles, tile] long, row index of each tile position; padding positions repeat the
                 tile's first row (so gathers stay in bounds) and are left out by `valid`.
@@ -31,10 +32,7 @@ class LoraSegments:
     tile_slots: torch.Tensor
     valid: torch.Tensor
     valid_rows: torch.Tensor
-
-    @property
-    def slots(self) -> tuple[int, ...]:
-        return tuple(sorted({slot for _, _, slot in self.segments}))
+    slots: frozenset[int]
 
     @classmethod
     def from_spans(
@@ -85,4 +83,5 @@ class LoraSegments:
             tile_slots=torch.tensor(tile_slots, dtype=torch.long, device=device),
             valid=valid.to(device),
             valid_rows=flat[valid].to(device),
+            slots=frozenset(slots),
         )

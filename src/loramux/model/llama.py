@@ -1,8 +1,11 @@
 """A Llama-family decoder over one flat batch of rows from many sequences and adapters.
 
-Module names mirror Hugging Face's (`model.layers.N.self_attn.q_proj`, ...) so that a transformers
-state dict loads as it is and PEFT adapter keys map one to one. Every linear is a
-`MultiLoraLinear`; all base weights are frozen.
+Projections that read the same input run as one GEMM: q, k, v as `self_attn.qkv_proj` and gate, up
+as `mlp.gate_up_proj` (`FusedLoraLinear`); o and down are `MultiLoraLinear`s. The state dict still
+uses Hugging Face's names (`model.layers.N.self_attn.q_proj.weight`, ...): a transformers state dict
+loads as it is (its q, k, v weights are concatenated on load) and `state_dict()` gives them back
+separately. Adapters see each projection under its PEFT name through `LlamaModel.linear(layer, name)`.
+All base weights are frozen.
 
 `forward(batch)` runs each part of the batch under its own grad mode (the TRAIN part with autograd,
 the other part without) and returns the final hidden states of all rows; `logits(hidden)` projects
@@ -15,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux.config import ATTENTION_LINEARS, ModelConfig
+from loramux.config import LORA_TARGETS, ModelConfig
 from loramux.engine.batch import Batch, BatchPart
 from loramux.kv.paged_cache import PagedKVCache
-from loramux.lora.layer import MultiLoraLinear
+from loramux.lora.layer import FusedLoraLinear, LoraProjection, MultiLoraLinear
 from loramux.model.rope import apply_rotary, inverse_frequencies, rotary_tables
 
 
@@ -29,9 +32,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """As transformers': normalized in float32, rounded to x's dtype, then times the weight."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.to(torch.float32), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class StepContext:
@@ -45,44 +49,73 @@ class StepContext:
         return layer(x, self.part.lora, self.part.builds_graph, self.weights_version)
 
 
+def keep_hf_names(parent: nn.Module, fused: str) -> None:
+    """`parent.<fused>` is a FusedLoraLinear; its state dict entries are those of its projections
+    under their own names (`q_proj.weight`, `k_proj.weight`, ...), as in a Hugging Face checkpoint.
+    Loading concatenates them into the fused weight; `state_dict()` splits it back (as views)."""
+    layer: FusedLoraLinear = getattr(parent, fused)
+    names = list(layer.projections)
+    params = ("weight",) + (("bias",) if layer.bias is not None else ())
+
+    def load(module, state_dict, prefix, *args) -> None:
+        for param in params:
+            keys = [f"{prefix}{name}.{param}" for name in names]
+            if all(k in state_dict for k in keys):
+                state_dict[f"{prefix}{fused}.{param}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+    def save(module, state_dict, prefix, local_metadata) -> None:
+        for param in params:
+            whole = state_dict.pop(f"{prefix}{fused}.{param}")
+            for name, part in zip(names, whole.split(layer.sizes)):
+                state_dict[f"{prefix}{name}.{param}"] = part
+
+    parent.register_load_state_dict_pre_hook(load)
+    parent.register_state_dict_post_hook(save)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         h, q, kv = config.hidden_size, config.q_size, config.kv_size
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = MultiLoraLinear(h, q, config.qkv_bias, "q_proj", layer_idx)
-        self.k_proj = MultiLoraLinear(h, kv, config.qkv_bias, "k_proj", layer_idx)
-        self.v_proj = MultiLoraLinear(h, kv, config.qkv_bias, "v_proj", layer_idx)
+        self.qkv_proj = FusedLoraLinear(h, (("q_proj", q), ("k_proj", kv), ("v_proj", kv)), config.qkv_bias, layer_idx)
         self.o_proj = MultiLoraLinear(q, h, config.o_bias, "o_proj", layer_idx)
+        keep_hf_names(self, "qkv_proj")
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        T = x.shape[0]
-        q = ctx.linear(self.q_proj, x).view(T, self.num_heads, self.head_dim)
-        k = ctx.linear(self.k_proj, x).view(T, self.num_kv_heads, self.head_dim)
-        v = ctx.linear(self.v_proj, x).view(T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        T, H, KV = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = ctx.linear(self.qkv_proj, x).view(T, H + 2 * KV, self.head_dim)  # heads of q, then k, then v
+        qk = apply_rotary(qkv[:, : H + KV], ctx.cos, ctx.sin)  # q and k heads rotated in one go
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         plan = ctx.part.attention
-        if plan.write_rows.numel():
+        if plan.writes_all_rows:
+            ctx.kv.write(self.layer_idx, plan.write_slots, k, v)
+        elif plan.write_rows.numel():
             ctx.kv.write(self.layer_idx, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
+        if plan.decodes_all_rows:  # a pure decode step: no scatter into a separate output
+            return ctx.linear(self.o_proj, self._decode(q, ctx).reshape(T, -1))
         out = q.new_empty(T, self.num_heads, self.head_dim)
         if plan.decode_rows.numel():
-            # [B, heads, 1, D] over each sequence's cached context [B, kv_heads, C, D], padded and masked
-            keys = ctx.kv.k[self.layer_idx][plan.decode_slots].transpose(1, 2)
-            values = ctx.kv.v[self.layer_idx][plan.decode_slots].transpose(1, 2)
-            attended = F.scaled_dot_product_attention(
-                q[plan.decode_rows].unsqueeze(2), keys, values, attn_mask=plan.decode_mask, enable_gqa=True
-            )
-            out[plan.decode_rows] = attended.squeeze(2)
+            out[plan.decode_rows] = self._decode(q[plan.decode_rows], ctx)
         for span in plan.spans:
             rows = slice(span.start, span.end)
             if span.context_slots is None:
                 ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             else:
-                ks = ctx.kv.k[self.layer_idx][span.context_slots].transpose(0, 1)
-                vs = ctx.kv.v[self.layer_idx][span.context_slots].transpose(0, 1)
+                ks, vs = (t.transpose(0, 1) for t in ctx.kv.gather(self.layer_idx, span.context_slots))
             out[rows] = _causal_attention(q[rows].transpose(0, 1), ks, vs, span.start_pos).transpose(0, 1)
         return ctx.linear(self.o_proj, out.reshape(T, -1))
+
+    def _decode(self, q: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """q [B, heads, D] of the decode rows -> [B, heads, D], each over its sequence's cached
+        context [B, kv_heads, C, D] (gathered, padded to the longest and masked)."""
+        plan = ctx.part.attention
+        keys, values = ctx.kv.gather(self.layer_idx, plan.decode_slots)  # [B, C, kv_heads, D]
+        attended = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=plan.decode_mask, enable_gqa=True
+        )
+        return attended.squeeze(2)
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -103,12 +136,13 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = MultiLoraLinear(h, i, b, "gate_proj", layer_idx)
-        self.up_proj = MultiLoraLinear(h, i, b, "up_proj", layer_idx)
+        self.gate_up_proj = FusedLoraLinear(h, (("gate_proj", i), ("up_proj", i)), b, layer_idx)
         self.down_proj = MultiLoraLinear(i, h, b, "down_proj", layer_idx)
+        keep_hf_names(self, "gate_up_proj")
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return ctx.linear(self.down_proj, F.silu(ctx.linear(self.gate_proj, x)) * ctx.linear(self.up_proj, x))
+        gate, up = self.gate_up_proj.split(ctx.linear(self.gate_up_proj, x))
+        return ctx.linear(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -152,9 +186,14 @@ class LlamaModel(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
-    def linear(self, layer_idx: int, name: str) -> MultiLoraLinear:
+    def linear(self, layer_idx: int, name: str) -> LoraProjection:
+        """The projection `name` (PEFT's module name, e.g. "q_proj") of decoder layer `layer_idx`,
+        where the registry installs an adapter's weights for it."""
         layer = self.model.layers[layer_idx]
-        return getattr(layer.self_attn if name in ATTENTION_LINEARS else layer.mlp, name)
+        for fused in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+            if name in fused.projections:
+                return fused.projections[name]
+        raise KeyError(f"no linear named {name!r}; linears: {', '.join(LORA_TARGETS)}")
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns the final-normed hidden states [num_rows, hidden] of all rows of the batch."""
