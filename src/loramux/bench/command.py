@@ -37,7 +37,7 @@ def add_bench_parser(sub, add_model_options) -> None:
     w.add_argument("--fixed-lengths", action="store_true", help="every prompt and output exactly that long")
     w.add_argument("--arrival", default="poisson", choices=["poisson", "bursty"], help="the swept arrival process")
     w.add_argument("--burst-cv", type=float, default=3.0, help="coefficient of variation of bursty gaps (> 1)")
-    w.add_argument("--rates", type=_rates, default=(0.5, 1.0, 2.0), help="arrival rates in req/s, comma-separated")
+    w.add_argument("--rates", type=_rates, default=(1.0, 2.0, 4.0), help="arrival rates in req/s, comma-separated")
     w.add_argument("--adapters", type=int, default=4, help="registered adapters")
     w.add_argument("--active", type=int, default=None, help="adapters that get requests (default: all)")
     w.add_argument("--rank", type=int, default=16)

@@ -33,7 +33,7 @@ class BenchOptions:
     model: str | None = None
     dtype: str = "float32"
     workload: Workload = field(default_factory=lambda: Workload(fixed_lengths=False, arrival="poisson"))
-    rates: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rates: tuple[float, ...] = (1.0, 2.0, 4.0)
     ttft: float = 2.0
     tpot: float = 0.25
     peft: bool = True
