@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from loramux.config import ModelConfig
 
-IDLE_LOAD = 0.5  # one-minute load average below which the machine counts as otherwise idle
+IDLE_SHARE = 0.05  # the run counts as alone on the machine when other processes used less of the CPU
 
 
 def _cpu_model() -> str:
@@ -49,10 +49,33 @@ def machine_info() -> dict:
     }
 
 
-def load_check() -> dict:
-    """The one-minute load average now and whether it says the machine is otherwise idle."""
-    load = os.getloadavg()[0]
-    return {"load_average_1m": load, "idle": load < IDLE_LOAD}
+def _busy_cpu_seconds() -> float:
+    """CPU seconds every process together has been busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for (servers, scenarios)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class LoadMonitor:
+    """Whether a run had the machine to itself: the CPU time all processes used during the run minus
+    this process's and its children's, as a share of the machine's capacity over the run."""
+
+    def __init__(self) -> None:
+        self.load_before = os.getloadavg()[0]
+        self.start, self.busy, self.own = time.monotonic(), _busy_cpu_seconds(), _own_cpu_seconds()
+
+    def result(self) -> dict:
+        wall = time.monotonic() - self.start
+        other = max(0.0, (_busy_cpu_seconds() - self.busy) - (_own_cpu_seconds() - self.own))
+        share = other / max(wall * (os.cpu_count() or 1), 1e-9)
+        return {"load_average_1m_before": self.load_before, "other_cpu_seconds": other, "other_cpu_share": share,
+                "idle": share < IDLE_SHARE}
 
 
 def matmul_flops(dtype: torch.dtype, size: int = 1024, seconds: float = 1.0) -> float:

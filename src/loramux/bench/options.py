@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from loramux.bench.machine import load_check, machine_info, roofline
+from loramux.bench.machine import LoadMonitor, machine_info, roofline
 from loramux.bench.report import Table, write_report
 from loramux.bench.workload import Workload
 from loramux.engine.engine import Engine, EngineConfig
@@ -96,7 +96,7 @@ class Run:
         self.options = options
         self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.t0 = time.perf_counter()
-        self.load_before = load_check()
+        self.load = LoadMonitor()
         self.tables: list[Table] = []
         self.plots: list[Path] = []
         self.results: dict = {}
@@ -119,7 +119,7 @@ class Run:
                   "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "LORAMUX_"))}}
         report = {"setting": o.setting, "command": o.command, "started": self.started,
                   "wall_seconds": time.perf_counter() - self.t0, "machine": machine_info(),
-                  "load": {"before": self.load_before, "after": load_check()}, "roofline": self.roofline,
+                  "load": self.load.result(), "roofline": self.roofline,
                   "config": config, "results": self.results}
         rows = self.roofline["linears_rows"]
         roof = Table("Roofline (measured in this run)", ["quantity", "value"], [

@@ -72,15 +72,16 @@ def write_report(out_dir: Path, report: dict, tables: list[Table], plots: list[P
     report = report | {"plots": [p.name for p in plots]}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
     load = report["load"]
-    idle = "otherwise idle" if load["before"]["idle"] and load["after"]["idle"] else "NOT idle: figures are unreliable"
+    alone = ("the machine was otherwise idle" if load["idle"] else "the machine was NOT idle: figures are unreliable")
     header = [
         f"## loramux bench {report['setting']}",
         "",
         f"`{report['command']}`",
         "",
         f"{report['machine']['cpu']}, {report['machine']['torch_threads']} torch threads, {report['config']['dtype']}; "
-        f"load average {load['before']['load_average_1m']:.2f} before, {load['after']['load_average_1m']:.2f} after "
-        f"({idle}). Started {report['started']}, took {report['wall_seconds']:.0f} s.",
+        f"other processes used {100 * load['other_cpu_share']:.1f}% of the CPU during the run, load average "
+        f"{load['load_average_1m_before']:.2f} before it ({alone}). "
+        f"Started {report['started']}, took {report['wall_seconds']:.0f} s.",
         "",
     ]
     body = "\n\n".join(t.markdown() for t in tables)
