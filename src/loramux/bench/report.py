@@ -83,6 +83,7 @@ def write_report(out_dir: Path, report: dict, tables: list[Table], plots: list[P
         f"{load['load_average_1m_before']:.2f} before it ({alone}). "
         f"Started {report['started']}, took {report['wall_seconds']:.0f} s.",
         "",
+        "",
     ]
     body = "\n\n".join(t.markdown() for t in tables)
     figures = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
