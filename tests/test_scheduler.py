@@ -110,3 +110,19 @@ def test_max_running_holds_new_requests_back():
         s.add(r)
     out = s.schedule()
     assert {c.request.id for c in out.chunks} == {"r0", "r1"} and rs[2] in s.waiting
+
+
+def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
+    """With no request running, a step of training rows may take idle_train_seconds (by the fitted
+    costs), not max_step_tokens rows; with requests running the TPOT target bounds it instead."""
+    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5)
+    assert s.training_budget({}) == 4096  # nothing measured yet
+    rng = random.Random(0)
+    for _ in range(64):
+        decode, train = rng.randint(0, 32), rng.randint(0, 512)
+        s.cost.record({RowKind.DECODE: decode, RowKind.TRAIN: train}, 0.02 + 0.004 * decode + 0.004 * train)
+    assert s.training_budget({}) == pytest.approx((0.5 - 0.02) / 0.004, abs=3)  # 120 rows, not 4096
+    r = _request(0, prompt_len=4)
+    s.add(r)
+    _run(s, s.schedule())  # r is running now; the step is bounded by 0.8 x its 0.25 s TPOT
+    assert s.training_budget({RowKind.DECODE: 1}) == pytest.approx((0.2 - 0.02 - 0.004) / 0.004, abs=3)

@@ -27,6 +27,8 @@ class SchedulerConfig:
     step. min_prefill_tokens: prefill progress per step even when the latency budget is spent, so
     waiting requests never starve. min_train_tokens: training's minimum share: each step that
     training wanted rows and got none adds this many rows to its next budget, so it never starves.
+    idle_train_seconds: the longest a step may take while no request runs (training alone): a
+    request that arrives during it waits that long before its prefill can start.
     step_time_share: the share of the tightest TPOT target a step may
     take (the rest is headroom for sampling, streaming and noise)."""
 
@@ -36,6 +38,7 @@ class SchedulerConfig:
     max_prefill_chunk: int = 256
     min_prefill_tokens: int = 16
     min_train_tokens: int = 32
+    idle_train_seconds: float = 0.5
     step_time_share: float = 0.8
     default_slo: SLO = field(default_factory=SLO)
 
@@ -43,6 +46,8 @@ class SchedulerConfig:
         for name in ("max_step_tokens", "max_running", "max_waiting", "max_prefill_chunk", "min_prefill_tokens", "min_train_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.idle_train_seconds <= 0:
+            raise ValueError("idle_train_seconds must be positive")
         if not 0 < self.step_time_share <= 1:
             raise ValueError("step_time_share must be in (0, 1]")
 
@@ -150,12 +155,16 @@ class Scheduler:
 
     def rows_within_target(self, kind: RowKind, beside: Mapping[RowKind, int]) -> int:
         """Rows of `kind` the next step may carry beside `beside` so that it fits the tightest TPOT
-        target of the running requests (max_step_tokens while nothing runs or nothing is measured)."""
+        target of the running requests; while none runs, training rows fit `idle_train_seconds`
+        (up to max_step_tokens in all cases, and while nothing is measured yet)."""
         cfg = self.config
         room = cfg.max_step_tokens - sum(beside.values())
         if not self.running:
-            return room
-        target = cfg.step_time_share * min(r.slo.tpot for r in self.running)
+            if kind is not RowKind.TRAIN:
+                return room
+            target = cfg.idle_train_seconds
+        else:
+            target = cfg.step_time_share * min(r.slo.tpot for r in self.running)
         fits = self.cost.max_rows_within(target, kind, beside)
         return room if fits is None else min(fits, room)
 
