@@ -18,9 +18,10 @@ from torch import nn
 from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop, add_lora_stacked, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 
-# Below this many segments the per-segment loop is as fast as the tiled batched path on CPU
-# (benchmarks/lora_ops.py: tiled wins in bf16 from 16 adapters, ties or loses below).
-TILED_MIN_SEGMENTS = 16
+# Below this many segments the per-segment stacked path is faster on CPU: the tiled path gathers
+# each tile's stacked weights (a copy per group per layer). Measured end to end, 16 of 64 adapters
+# in one batch: stacked 151 vs tiled 125 tokens/s in fp32, 176 vs 154 in bf16 (docs/benchmarks.md).
+TILED_MIN_SEGMENTS = 64
 
 
 class LoraProjection:
