@@ -135,9 +135,9 @@ def test_quick_finetune_setting(tmp_path):
     for name, r in scenarios.items():
         assert len(r["losses"]) == int(name[-1]) and all(len(c) == 2 and all(math.isfinite(x) for x in c) for c in r["losses"])
         assert r["tokens"] > 0 and r["peak_mb"] > r["training_peak_mb"] > 0
-    # two adapters trained on the same data: twice the tokens of one
-    assert scenarios["loramux-2"]["tokens"] == 2 * scenarios["loramux-1"]["tokens"]
+    # two adapters: PEFT trains both on the same batches, loramux's jobs shuffle by their own seeds
     assert scenarios["peft-2"]["tokens"] == 2 * scenarios["peft-1"]["tokens"]
+    assert 1.5 < scenarios["loramux-2"]["tokens"] / scenarios["loramux-1"]["tokens"] < 2.5
 
 
 @pytest.mark.integration
