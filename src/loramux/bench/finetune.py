@@ -40,7 +40,8 @@ def _status_kb(field: str) -> int:
     raise LookupError(field)
 
 
-def _lora_kwargs(w: Workload) -> dict:
+def peft_lora_kwargs(w: Workload) -> dict:
+    """PEFT LoraConfig arguments for adapters like the workload's (all linears, no dropout)."""
     return {"r": w.rank, "lora_alpha": w.alpha, "target_modules": "all-linear", "lora_dropout": 0.0}
 
 
@@ -79,7 +80,7 @@ def _run_peft(o: BenchOptions, num_adapters: int, records: list[dict]) -> dict:
     tok = load_tokenizer(model_dir)
     samples = [tokenize(r, tok, tok.eos_token_id, 2048) for r in parse_jsonl(json.dumps(r) for r in records)]
     names = [f"train-{i}" for i in range(num_adapters)]
-    model = load_peft(model_dir, {}, parse_dtype(o.dtype), trainable={n: _lora_kwargs(o.workload) for n in names})
+    model = load_peft(model_dir, {}, parse_dtype(o.dtype), trainable={n: peft_lora_kwargs(o.workload) for n in names})
     for p in model.parameters():  # page in weights transformers mapped lazily, as loramux's are resident
         p.detach().sum()
     rss_loaded = _status_kb("VmRSS")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from loramux.bench import peft_peer
 from loramux.bench.engine_driver import run_engine, warm_up
-from loramux.bench.finetune import LEARNING_RATE, _lora_kwargs
+from loramux.bench.finetune import LEARNING_RATE, peft_lora_kwargs
 from loramux.bench.options import BenchOptions, Run, add_bench_adapters, load_engine
 from loramux.bench.records import RequestRecord, record_dicts, summarize
 from loramux.bench.report import Table, line_plot
@@ -84,7 +84,7 @@ class UnifiedBench:
 
     def measure_peft(self) -> None:
         model = peft_peer.load_peft(self.model_dir, self.adapter_dirs, parse_dtype(self.o.dtype),
-                                    trainable={TRAINING_ADAPTER: _lora_kwargs(self.o.workload)})
+                                    trainable={TRAINING_ADAPTER: peft_lora_kwargs(self.o.workload)})
         trainer = peft_peer.PeftTrainer(model, TRAINING_ADAPTER, self.samples, self.o.train_batch, LEARNING_RATE, self.pad_id)
         peft_peer.run_inference(model, self.requests[next(iter(self.requests))][:2], self.pad_id)  # warm-up
         start = time.perf_counter()
