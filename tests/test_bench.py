@@ -122,6 +122,7 @@ def test_quick_inference_setting(tmp_path):
         for label, recs in records[system].items():
             _assert_complete(recs)
             assert summaries[system][label]["completed"] == 4
+    assert "vLLM skipped: no --vllm-python" in (tmp_path / "inference" / "report.md").read_text()
     # the same workload went to every system: identical token counts per request
     counts = {s: sorted((r["index"], r["output_tokens"]) for r in records[s][rate]) for s in ("loramux", "loramux HTTP", "transformers + PEFT")}
     assert counts["loramux"] == counts["loramux HTTP"] == counts["transformers + PEFT"]

