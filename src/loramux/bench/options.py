@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from loramux.bench.machine import LoadMonitor, machine_info, roofline
 from loramux.bench.report import Table, write_report
-from loramux.bench.workload import Workload
+from loramux.bench.workload import Workload, prompt_token_pool
 from loramux.engine.engine import Engine, EngineConfig
 from loramux.engine.requests import SLO
 from loramux.engine.scheduler import SchedulerConfig
@@ -56,6 +57,11 @@ class BenchOptions:
     def slo(self) -> SLO:
         return SLO(ttft=self.ttft, tpot=self.tpot)
 
+    def swept_workloads(self) -> dict[str, Workload]:
+        """label (the rate, e.g. "2") -> the workload at that rate of the swept arrival process."""
+        arrival = self.workload.arrival if self.workload.arrival != "offline" else "poisson"
+        return {f"{r:g}": dataclasses.replace(self.workload, arrival=arrival, rate=r) for r in self.rates}
+
     def quick_sized(self) -> "BenchOptions":
         """Small enough for CI: a handful of short requests, one rate, two training steps."""
         w = dataclasses.replace(self.workload, num_requests=4, prompt_tokens=16, output_tokens=8, max_prompt_tokens=32,
@@ -87,6 +93,21 @@ def loramux_command() -> list[str]:
     """How to start this installation's `loramux` CLI in a child process."""
     script = Path(sys.executable).parent / "loramux"
     return [str(script)] if script.is_file() else [shutil.which("loramux") or "loramux"]
+
+
+class EngineBench:
+    """The set-up the inference and unified settings share: the engine with the workload's adapters
+    (also written in PEFT's format, for the peers), the run being recorded, and the prompt pool."""
+
+    def __init__(self, options: BenchOptions) -> None:
+        self.o = options
+        self.engine = load_engine(options)
+        self.run = Run(options, self.engine)
+        self.tmp = tempfile.TemporaryDirectory(prefix="loramux-bench-")
+        self.adapter_dirs = add_bench_adapters(self.engine, options.workload, Path(self.tmp.name))
+        self.pool = prompt_token_pool(self.engine.tokenizer)
+        self.model_dir = Path(self.engine.loaded.path)  # the safetensors directory transformers and vLLM read
+        self.pad_id = self.engine.tokenizer.eos_token_id
 
 
 class Run:

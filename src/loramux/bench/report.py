@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import matplotlib
 
@@ -36,33 +38,34 @@ def _cell(value) -> str:
     return str(value)
 
 
-def line_plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]]) -> Path:
+@contextmanager
+def _figure(path: Path, title: str, xlabel: str, ylabel: str, **axes) -> Iterator:
+    """An axes to draw on; saved to `path` (gridded, with a legend) when the block ends."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, label=label)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    yield ax
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, **axes)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def line_plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]]) -> Path:
+    with _figure(path, title, xlabel, ylabel) as ax:
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, label=label)
     return path
 
 
 def cdf_plot(path: Path, title: str, xlabel: str, series: dict[str, list[float]], target: float | None = None) -> Path:
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, values in series.items():
-        v = sorted(x for x in values if x is not None)
-        if v:
-            ax.step(v, [(i + 1) / len(v) for i in range(len(v))], where="post", label=label)
-    if target is not None:
-        ax.axvline(target, color="grey", linestyle="--", label="target")
-    ax.set(title=title, xlabel=xlabel, ylabel="share of requests", ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with _figure(path, title, xlabel, "share of requests", ylim=(0, 1.02)) as ax:
+        for label, values in series.items():
+            v = sorted(x for x in values if x is not None)
+            if v:
+                ax.step(v, [(i + 1) / len(v) for i in range(len(v))], where="post", label=label)
+        if target is not None:
+            ax.axvline(target, color="grey", linestyle="--", label="target")
     return path
 
 

@@ -11,19 +11,18 @@ tokens/s as a share of the solo figure.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from loramux.bench import peft_peer
 from loramux.bench.engine_driver import run_engine, warm_up
 from loramux.bench.finetune import LEARNING_RATE, peft_lora_kwargs
-from loramux.bench.options import BenchOptions, Run, add_bench_adapters, load_engine
+from loramux.bench.options import BenchOptions, EngineBench
 from loramux.bench.records import RequestRecord, record_dicts, summarize
 from loramux.bench.report import Table, line_plot
-from loramux.bench.workload import make_requests, prompt_token_pool, training_records
+from loramux.bench.workload import make_requests, training_records
 from loramux.engine.engine import parse_dtype
 from loramux.lora.adapter import LoraConfig
 from loramux.training.config import TrainingConfig
@@ -39,21 +38,12 @@ def _rate(tokens_over_time: list[tuple[float, int]]) -> float:
     return (n1 - n0) / (t1 - t0) if t1 > t0 else float("nan")
 
 
-class UnifiedBench:
+class UnifiedBench(EngineBench):
     def __init__(self, o: BenchOptions) -> None:
-        self.o = o
-        self.engine = load_engine(o)
-        self.run = Run(o, self.engine)
-        self.tmp = tempfile.TemporaryDirectory(prefix="loramux-bench-")
-        self.adapter_dirs = add_bench_adapters(self.engine, o.workload, Path(self.tmp.name))
-        self.pool = prompt_token_pool(self.engine.tokenizer)
-        arrival = o.workload.arrival if o.workload.arrival != "offline" else "poisson"
-        self.requests = {f"{r:g}": make_requests(dataclasses.replace(o.workload, arrival=arrival, rate=r), self.pool)
-                         for r in o.rates}
+        super().__init__(o)
+        self.requests = {label: make_requests(w, self.pool) for label, w in o.swept_workloads().items()}
         self.data = training_records(256, seed=o.workload.seed)
         self.samples = self.engine.load_data(self.data, 2048)  # the same samples for PEFT
-        self.model_dir = Path(self.engine.loaded.path)
-        self.pad_id = self.engine.tokenizer.eos_token_id
         self.solo_seconds = 3.0 if o.quick else 20.0
         self.records: dict[str, dict[str, list[RequestRecord]]] = {}
         self.training: dict[str, dict] = {}
@@ -65,14 +55,7 @@ class UnifiedBench:
                                 lr_schedule="constant")
         lora = LoraConfig(r=self.o.workload.rank, alpha=self.o.workload.alpha, target_modules="all-linear")
         job = engine.create_job(TRAINING_ADAPTER, self.data, lora=lora, training=config)
-        start = time.perf_counter()
-        solo = [(0.0, job.train_tokens)]
-        while time.perf_counter() - start < self.solo_seconds:
-            engine.step()
-            solo.append((time.perf_counter() - start, job.train_tokens))
-        print(f"[bench] loramux training alone: {_rate(solo):.0f} tokens/s", flush=True)
-        self.training["loramux"] = {"solo_tokens_per_second": _rate(solo), "solo_progress": solo, "rates": {}}
-        self.records["loramux"] = {}
+        self._train_alone("loramux", engine.step, lambda: job.train_tokens)
         for label, requests in self.requests.items():
             progress = [(0.0, job.train_tokens)]
             self.records["loramux"][label] = run_engine(engine, requests, self.o.slo,
@@ -87,19 +70,23 @@ class UnifiedBench:
                                     trainable={TRAINING_ADAPTER: peft_lora_kwargs(self.o.workload)})
         trainer = peft_peer.PeftTrainer(model, TRAINING_ADAPTER, self.samples, self.o.train_batch, LEARNING_RATE, self.pad_id)
         peft_peer.run_inference(model, self.requests[next(iter(self.requests))][:2], self.pad_id)  # warm-up
-        start = time.perf_counter()
-        solo = [(0.0, 0)]
-        while time.perf_counter() - start < self.solo_seconds:
-            trainer.step()
-            solo.append((time.perf_counter() - start, trainer.tokens))
-        print(f"[bench] PEFT training alone: {_rate(solo):.0f} tokens/s", flush=True)
-        self.training["transformers + PEFT"] = {"solo_tokens_per_second": _rate(solo), "solo_progress": solo, "rates": {}}
-        self.records["transformers + PEFT"] = {}
+        self._train_alone("transformers + PEFT", trainer.step, lambda: trainer.tokens)
         for label, requests in self.requests.items():
             progress = [(0.0, trainer.tokens)]
             self.records["transformers + PEFT"][label] = peft_peer.run_take_turns(model, trainer, requests, self.pad_id,
                                                                                   progress=progress)
             self._report_rate("transformers + PEFT", label, progress)
+
+    def _train_alone(self, system: str, step: Callable[[], object], tokens: Callable[[], int]) -> None:
+        """Trains for `solo_seconds` with nothing else to do: the system's solo training tokens/s."""
+        start = time.perf_counter()
+        solo = [(0.0, tokens())]
+        while time.perf_counter() - start < self.solo_seconds:
+            step()
+            solo.append((time.perf_counter() - start, tokens()))
+        print(f"[bench] {system} training alone: {_rate(solo):.0f} tokens/s", flush=True)
+        self.training[system] = {"solo_tokens_per_second": _rate(solo), "solo_progress": solo, "rates": {}}
+        self.records[system] = {}
 
     def _report_rate(self, system: str, label: str, progress: list[tuple[float, int]]) -> None:
         s = summarize(self.records[system][label], self.o.ttft, self.o.tpot)
