@@ -112,17 +112,39 @@ def test_max_running_holds_new_requests_back():
     assert {c.request.id for c in out.chunks} == {"r0", "r1"} and rs[2] in s.waiting
 
 
-def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
-    """With no request running, a step of training rows may take idle_train_seconds (by the fitted
-    costs), not max_step_tokens rows; with requests running the TPOT target bounds it instead."""
-    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5)
-    assert s.training_budget({}) == 4096  # nothing measured yet
+def _fitted_training_costs(s: Scheduler) -> None:
+    """Step costs of 0.02 s + 4 ms per decode or training row."""
     rng = random.Random(0)
     for _ in range(64):
         decode, train = rng.randint(0, 32), rng.randint(0, 512)
         s.cost.record({RowKind.DECODE: decode, RowKind.TRAIN: train}, 0.02 + 0.004 * decode + 0.004 * train)
-    assert s.training_budget({}) == pytest.approx((0.5 - 0.02) / 0.004, abs=3)  # 120 rows, not 4096
+
+
+def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
+    """Within the serving window, a step of training rows with no request running may take
+    idle_train_seconds (by the fitted costs), not max_step_tokens rows; with requests running the
+    TPOT target bounds it instead."""
+    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5)
+    _fitted_training_costs(s)
     r = _request(0, prompt_len=4)
     s.add(r)
     _run(s, s.schedule())  # r is running now; the step is bounded by 0.8 x its 0.25 s TPOT
     assert s.training_budget({RowKind.DECODE: 1}) == pytest.approx((0.2 - 0.02 - 0.004) / 0.004, abs=3)
+    s.remove(r)  # r has just finished: nothing runs, but requests are arriving
+    assert s.training_budget({}) == pytest.approx((0.5 - 0.02) / 0.004, abs=3)  # 120 rows, not 4096
+
+
+def test_training_outside_the_serving_window_is_bounded_by_rows_not_timings():
+    """With no request arrived within serving_window_seconds, a training step is bounded by
+    max_step_tokens alone, whatever the fitted costs, so its split of a batch is deterministic."""
+    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, serving_window_seconds=0.0)
+    _fitted_training_costs(s)
+    assert s.training_budget({}) == 4096  # nothing ever arrived
+    r = _request(0, prompt_len=4)
+    s.add(r)
+    assert s.training_budget({}) == pytest.approx(120, abs=3)  # r waits: serving (the idle bound)
+    _run(s, s.schedule())
+    s.remove(r)
+    assert s.training_budget({}) == 4096  # a zero-second window has passed
+    with pytest.raises(ValueError, match="serving_window_seconds"):
+        SchedulerConfig(serving_window_seconds=-1)

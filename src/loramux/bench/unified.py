@@ -50,12 +50,13 @@ class UnifiedBench(EngineBench):
 
     def measure_loramux(self) -> None:
         engine = self.engine
-        warm_up(engine, self.o.workload.adapter_names[: self.o.workload.active_adapters], self.pool[:32])
         config = TrainingConfig(max_steps=100_000, batch_size=self.o.train_batch, learning_rate=LEARNING_RATE,
                                 lr_schedule="constant")
         lora = LoraConfig(r=self.o.workload.rank, alpha=self.o.workload.alpha, target_modules="all-linear")
         job = engine.create_job(TRAINING_ADAPTER, self.data, lora=lora, training=config)
+        # Alone means no request yet: outside the scheduler's serving window, as in a quiet server.
         self._train_alone("loramux", engine.step, lambda: job.train_tokens)
+        warm_up(engine, self.o.workload.adapter_names[: self.o.workload.active_adapters], self.pool[:32])
         for label, requests in self.requests.items():
             progress = [(0.0, job.train_tokens)]
             self.records["loramux"][label] = run_engine(engine, requests, self.o.slo,

@@ -27,8 +27,11 @@ class SchedulerConfig:
     step. min_prefill_tokens: prefill progress per step even when the latency budget is spent, so
     waiting requests never starve. min_train_tokens: training's minimum share: each step that
     training wanted rows and got none adds this many rows to its next budget, so it never starves.
-    idle_train_seconds: the longest a step may take while no request runs (training alone): a
-    request that arrives during it waits that long before its prefill can start.
+    idle_train_seconds: the longest a step may take while no request runs (training alone) but one
+    arrived within the last `serving_window_seconds`: a request arriving during such a step waits
+    that long before its prefill can start. Outside the window (say, a fine-tuning run with no
+    traffic) training steps are bounded by max_step_tokens alone, so the split of an optimizer
+    batch over steps does not depend on measured timings (a resumed run repeats it exactly).
     step_time_share: the share of the tightest TPOT target a step may
     take (the rest is headroom for sampling, streaming and noise)."""
 
@@ -39,6 +42,7 @@ class SchedulerConfig:
     min_prefill_tokens: int = 16
     min_train_tokens: int = 32
     idle_train_seconds: float = 0.5
+    serving_window_seconds: float = 30.0
     step_time_share: float = 0.8
     default_slo: SLO = field(default_factory=SLO)
 
@@ -48,6 +52,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.idle_train_seconds <= 0:
             raise ValueError("idle_train_seconds must be positive")
+        if self.serving_window_seconds < 0:
+            raise ValueError("serving_window_seconds must not be negative")
         if not 0 < self.step_time_share <= 1:
             raise ValueError("step_time_share must be in (0, 1]")
 
@@ -129,6 +135,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.cost = StepCostModel()
         self._train_credit = 0
+        self._last_arrival: float | None = None
 
     @property
     def has_work(self) -> bool:
@@ -144,6 +151,13 @@ class Scheduler:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting requests); retry later")
         self.waiting.append(request)
+        self._last_arrival = time.perf_counter()
+
+    @property
+    def serving(self) -> bool:
+        """A request runs, waits, or arrived within the serving window."""
+        recent = self._last_arrival is not None and time.perf_counter() - self._last_arrival < self.config.serving_window_seconds
+        return self.has_work or recent
 
     def remove(self, request: Request) -> None:
         """Takes a request out (finished or aborted) and frees its KV blocks at once."""
@@ -156,11 +170,12 @@ class Scheduler:
     def rows_within_target(self, kind: RowKind, beside: Mapping[RowKind, int]) -> int:
         """Rows of `kind` the next step may carry beside `beside` so that it fits the tightest TPOT
         target of the running requests; while none runs, training rows fit `idle_train_seconds`
-        (up to max_step_tokens in all cases, and while nothing is measured yet)."""
+        inside the serving window (up to max_step_tokens in all cases, and while nothing is
+        measured yet)."""
         cfg = self.config
         room = cfg.max_step_tokens - sum(beside.values())
         if not self.running:
-            if kind is not RowKind.TRAIN:
+            if kind is not RowKind.TRAIN or not self.serving:
                 return room
             target = cfg.idle_train_seconds
         else:
