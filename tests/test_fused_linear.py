@@ -11,7 +11,7 @@ from conftest import make_tiny_hf, ours_from_hf
 from loramux.config import LORA_TARGETS
 from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.layer import FusedLoraLinear
-from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop, add_lora_stacked
+from loramux.lora.ops import LoraWeights, StackedLora, add_lora_group, add_lora_loop, add_lora_stacked
 from loramux.lora.segments import LoraSegments
 
 IN = 24
@@ -85,6 +85,40 @@ def test_fused_group_equals_separate_projections_with_their_own_adapters(path, m
     assert (got.double() - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
     for part, (name, out) in zip(layer.split(got), OUTS):
         assert part.shape == (x.shape[0], out)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_graph_path_gradients_equal_the_loop_reference(dropout):
+    """The group path (one matmul pair per segment for q/k/v together) gives every adapter's A and B
+    the gradients of the per-projection loop, in float64; with dropout, the same masks (each
+    adapter's generator draws one mask per projection, in projection order, either way)."""
+    _, x, seg, _, adapters = _group()
+    x = x.double()
+    W = torch.randn(sum(out for _, out in OUTS), IN, dtype=torch.float64)
+
+    def run(group: bool) -> tuple[torch.Tensor, dict]:
+        leaves = {}
+        for name, per_slot in adapters.items():
+            for slot, w in per_slot.items():
+                g = torch.Generator().manual_seed(slot)
+                leaves[name, slot] = LoraWeights(w.A.double().requires_grad_(), w.B.double().requires_grad_(), w.scale,
+                                                 dropout, g)
+        per_projection = [{s: leaves[name, s] for s in adapters[name]} for name, _ in OUTS]
+        if group:
+            y = add_lora_group(x @ W.T, x, seg, per_projection, [out for _, out in OUTS], training=True)
+        else:
+            y = torch.cat([add_lora_loop(part.clone(), x, seg, weights, training=True)
+                           for part, weights in zip((x @ W.T).split([out for _, out in OUTS], dim=-1), per_projection)], dim=-1)
+        (y.sin().sum()).backward()
+        return y, {k: (w.A.grad, w.B.grad) for k, w in leaves.items()}
+
+    y_group, grads_group = run(True)
+    y_loop, grads_loop = run(False)
+    assert torch.allclose(y_group, y_loop, rtol=1e-10, atol=1e-10)
+    for key, (gA, gB) in grads_loop.items():
+        assert torch.allclose(grads_group[key][0], gA, rtol=1e-10, atol=1e-10), key
+        assert torch.allclose(grads_group[key][1], gB, rtol=1e-10, atol=1e-10), key
+        assert gB.abs().sum() > 0, key
 
 
 def test_stacked_group_in_bf16_is_within_bf16_tolerance():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop, add_lora_stacked, add_lora_tiled
+from loramux.lora.ops import LoraWeights, StackedLora, add_lora_group, add_lora_stacked, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 
 # Below this many segments the per-segment stacked path is faster on CPU: the tiled path gathers
@@ -54,10 +54,11 @@ class FusedLoraLinear(nn.Module):
     outputs: (name, out_features) of each projection, in the order of their output columns.
     projections: name -> LoraProjection. `split(y)` gives each projection's output, as views.
 
-    Rows that build graphs take the loop reference per projection (autograd reaches each adapter's
-    own A and B). Other rows use one stacked copy of all adapters of the group (`StackedLora`: A of
-    all projections concatenated, B block-diagonal, scale folded in), so each segment costs two
-    matmuls for the whole group; with many segments, two batched matmuls for all of them.
+    Rows that build graphs join the group's adapters on the fly from their own A and B, so that
+    autograd reaches them (`add_lora_group`). Other rows use one stacked copy of all adapters of
+    the group (`StackedLora`: A of all projections concatenated, B block-diagonal, scale folded
+    in). Either way each segment costs two matmuls for the whole group; with many segments, the
+    stacked copy serves two batched matmuls for all of them.
     """
 
     def __init__(self, in_features: int, outputs: Sequence[tuple[str, int]], bias: bool, layer_idx: int) -> None:
@@ -97,23 +98,15 @@ class FusedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, segments: LoraSegments, builds_graph: bool, weights_version: int) -> torch.Tensor:
         """x: [T, in] -> y [T, out_features].
 
-        builds_graph: rows of adapters being trained; deltas run through the loop reference so that
-        autograd reaches each adapter's own A and B (with dropout). `weights_version` changes
-        whenever any adapter's weights change (it invalidates the stacked copy).
+        builds_graph: rows of adapters being trained; deltas are built from the adapters' own A and
+        B so that autograd reaches them (with dropout). `weights_version` changes whenever any
+        adapter's weights change (it invalidates the stacked copy).
         """
         y = F.linear(x, self.weight, self.bias)
         if self._slots.isdisjoint(segments.slots):
             return y
         if builds_graph or torch.is_grad_enabled():
-            if len(self.sizes) == 1:
-                return add_lora_loop(y, x, segments, self.projection_list[0].adapters, training=builds_graph)
-            # Each projection's columns as their own tensor (autograd refuses in-place adds into
-            # views of a base output that does not require grad), then joined again.
-            parts = list(self.split(y))
-            for i, p in enumerate(self.projection_list):
-                if p.adapters:
-                    parts[i] = add_lora_loop(parts[i].clone(), x, segments, p.adapters, training=builds_graph)
-            return torch.cat(parts, dim=-1)
+            return add_lora_group(y, x, segments, [p.adapters for p in self.projection_list], self.sizes, training=builds_graph)
         stacked = self.stacked(weights_version)
         if len(segments.segments) >= TILED_MIN_SEGMENTS and self._slots.issuperset(segments.slots):
             return add_lora_tiled(y, x, segments, stacked)

@@ -6,8 +6,10 @@ For every segment (start, end, slot) and every row r in [start, end):
 
 Two implementations compute the same thing:
 
-- `add_lora_loop`: one pair of matmuls per segment. The plain reference, and the path for rows
-  that build autograd graphs (few adapters with long segments, gradients into A and B only).
+- `add_lora_loop`: one pair of matmuls per segment. The plain reference.
+- `add_lora_group`: the path for rows that build autograd graphs (few adapters with long
+  segments, gradients into A and B only): one pair of matmuls per segment for a whole fused group
+  of projections, against weights joined on the fly from the adapters' own tensors.
 - `add_lora_stacked`: one pair of matmuls per segment against the weights stacked by slot (scale
   folded in); for a fused group of projections (q, k, v) the pair covers all of them at once.
 - `add_lora_tiled`: every segment cut into equal tiles; two batched matmuls over all tiles against
@@ -93,13 +95,45 @@ def add_lora_loop(
     from the adapter's own generator so that its masks do not depend on other adapters' rows."""
     for start, end, slot in segments.segments:
         w = weights.get(slot)
-        if w is None:
+        if w is not None:
+            y[start:end] += _lora_delta(x[start:end], w, training)
+    return y
+
+
+def _lora_delta(xs: torch.Tensor, w: LoraWeights, training: bool) -> torch.Tensor:
+    """scale * B @ A @ dropout(xs) for rows xs [n, in] -> [n, out]; the mask from the adapter's generator."""
+    if training and w.dropout > 0:
+        keep = torch.empty_like(xs).bernoulli_(1.0 - w.dropout, generator=w.dropout_generator)
+        xs = xs * keep / (1.0 - w.dropout)
+    return w.scale * ((xs @ w.A.T) @ w.B.T)
+
+
+def add_lora_group(
+    y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, projections: Sequence[Mapping[int, LoraWeights]],
+    sizes: Sequence[int], training: bool = False,
+) -> torch.Tensor:
+    """Same result as `add_lora_loop` on each projection's columns, differentiable into every A and
+    B. y: [T, sum(sizes)] (not a view), x: [T, in]; projections[i]: the adapters of the projection
+    whose output columns are the i-th `sizes` block. Adds in place and returns y. Per segment:
+
+    y[start:end] += (x[start:end] @ [A_0; A_1; ...].T) @ blockdiag(s_0 B_0, s_1 B_1, ...).T
+
+    built from the adapters' own A and B (so autograd reaches them), with a zero block where the
+    segment's adapter does not target a projection. With `training` and dropout, each projection's
+    input gets its own mask (as PEFT does), and the pairs run one per projection instead.
+    """
+    for start, end, slot in segments.segments:
+        ws = [weights.get(slot) for weights in projections]
+        if all(w is None for w in ws):
             continue
         xs = x[start:end]
-        if training and w.dropout > 0:
-            keep = torch.empty_like(xs).bernoulli_(1.0 - w.dropout, generator=w.dropout_generator)
-            xs = xs * keep / (1.0 - w.dropout)
-        y[start:end] += w.scale * ((xs @ w.A.T) @ w.B.T)
+        if training and any(w is not None and w.dropout > 0 for w in ws):
+            parts = [xs.new_zeros(end - start, size) if w is None else _lora_delta(xs, w, training) for w, size in zip(ws, sizes)]
+            y[start:end] += torch.cat(parts, dim=-1)
+            continue
+        A = torch.cat([w.A for w in ws if w is not None])
+        B = torch.block_diag(*(w.scale * w.B if w is not None else xs.new_zeros(size, 0) for w, size in zip(ws, sizes)))
+        y[start:end] += (xs @ A.T) @ B.T
     return y
 
 
