@@ -288,6 +288,10 @@ def test_limits_429_413_and_lock(tmp_path):
             t.join()
         assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}
         assert client.models.list().data
+        logged = [json.loads(line[line.index('{"method"'):]) for line in srv.log.read_text().splitlines() if '{"method"' in line]
+        completions = [e for e in logged if e["path"] == "/v1/completions"]  # one line per request, with its status
+        assert sorted(e["status"] for e in completions) == sorted([413, *statuses])
+        assert all(e["method"] == "POST" and e["ms"] >= 0 for e in completions)
     finally:
         srv.stop()
 

@@ -159,13 +159,12 @@ def _serve(args) -> int:
     import logging
     import os
 
-    import uvicorn
-
     from loramux import Engine, EngineConfig, SchedulerConfig
     from loramux.engine.engine import parse_dtype
     from loramux.model.loader import load_model
     from loramux.lora.peft_io import load_peft_adapter
     from loramux.server.app import Settings, create_app
+    from loramux.server.process import serve
     from loramux.server.store import DataDirLocked, Store
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -183,8 +182,7 @@ def _serve(args) -> int:
                         max_resident_adapters=args.max_adapters)
     app = create_app(engine, store, settings)
     print(f"loramux serving {engine.model_name} on http://{args.host}:{args.port}/v1 (data in {store.root})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    return serve(app, args.host, args.port)
 
 
 def _client(args):

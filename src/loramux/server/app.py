@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: inference, files, fine-tuning jobs, adapters, health, metrics.
 
-One process: FastAPI handlers on the event loop, the engine on its own thread (`EngineLoop`).
-Handlers never touch the engine directly; they hand it calls that run between two steps.
+One process: FastAPI handlers on an event loop in one thread, the engine's loop (`EngineLoop`) in
+another, `serve` puts them on their threads. Handlers never touch the engine directly; they hand it
+calls that run between two steps.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from loramux.lora.peft_io import load_peft_adapter
 from loramux.server.engine_loop import EngineLoop
 from loramux.server.jobs import JobService
 from loramux.server.metrics import Metrics
+from loramux.server.middleware import LimitsAndLogs
 from loramux.server.resident import ResidentAdapters
 from loramux.server.protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, FineTuningJobRequest, LoadAdapterRequest, SamplingFields,
@@ -59,9 +61,8 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        jobs.recover()  # before the loop starts: the engine thread is not running yet
-        resident.make_room(0)
-        loop.start()
+        # `loop.run()` runs on another thread (see serve); this first call precedes any request's
+        await loop.call(lambda engine: (jobs.recover(), resident.make_room(0)))
         yield
         loop.stop()
         store.close()
@@ -85,18 +86,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(APIError(500, "internal server error").body(), status_code=500)
 
-    @app.middleware("http")
-    async def limits_and_logs(request: Request, call_next):
-        started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            response: Response = JSONResponse(
-                APIError(413, f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}").body(), status_code=413)
-        else:
-            response = await call_next(request)
-        log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
-                             "ms": round(1000 * (time.perf_counter() - started), 1)}))
-        return response
+    app.add_middleware(LimitsAndLogs, max_body_bytes=settings.max_body_bytes)
 
     def authorize(request: Request) -> None:
         if settings.api_key is None:
@@ -427,6 +417,8 @@ def engine_error(exc: BaseException) -> APIError:
 async def next_output(q: asyncio.Queue, request: Request, poll: float = 0.5) -> RequestOutput | None:
     """The next output for a stream, or None once the client has disconnected."""
     while True:
+        if not q.empty():  # most outputs are already there: no timer, no task
+            return q.get_nowait()
         try:
             return await asyncio.wait_for(q.get(), timeout=poll)
         except asyncio.TimeoutError:

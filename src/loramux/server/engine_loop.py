@@ -1,8 +1,14 @@
-"""The engine's own thread: it runs steps while there is work and, between steps, the calls that
-HTTP handlers hand it. The engine is never touched from two threads at once.
+"""The engine's loop: it runs steps while there is work and, between steps, the calls that HTTP
+handlers hand it. The engine is never touched from two threads at once.
+
+`run()` takes over the calling thread, which should be the one that loaded the model (the main
+thread; the HTTP server runs on another). libgomp keeps a team of worker threads for every thread
+that has run parallel code, and once its threads outnumber the cores, every team spins only
+briefly at its barriers before sleeping: the engine on a thread of its own, beside the main
+thread's idle team, made 30% fewer tokens/s on 2 cores (docs/benchmarks.md, HTTP server).
 
 Handlers `await loop.call(fn)` to run `fn(engine)` between steps, and receive a request's outputs
-on an asyncio queue fed from the engine thread.
+on an asyncio queue fed from the engine's thread.
 """
 
 from __future__ import annotations
@@ -27,15 +33,14 @@ class EngineLoop:
         self._calls: queue.Queue[tuple[Callable[[Engine], Any], Future]] = queue.Queue()
         self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
+        self._stopped = threading.Event()
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """Ends `run` after the current step; with `wait`, returns once it has ended (at most 30 s)."""
         self._stop.set()
         self._calls.put((lambda engine: None, Future()))
-        self._thread.join(timeout=30)
+        if wait:
+            self._stopped.wait(timeout=30)
 
     def submit(self, fn: Callable[[Engine], Any]) -> Future:
         future: Future = Future()
@@ -54,7 +59,14 @@ class EngineLoop:
     def forget(self, request_id: str) -> None:
         self._listeners.pop(request_id, None)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Steps and calls on the calling thread until `stop()`."""
+        try:
+            self._loop()
+        finally:
+            self._stopped.set()
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             if not self.engine.has_work:  # idle: sleep until a call arrives
                 try:
@@ -73,8 +85,7 @@ class EngineLoop:
                 except Exception:  # a bug must not kill the server: fail the step's requests
                     log.exception("engine step failed")
                     outputs = self._abort_all()
-                for out in outputs:
-                    self._deliver(out)
+                self._deliver(outputs)
                 self.on_step(self.engine)
 
     def _execute(self, fn: Callable[[Engine], Any], future: Future) -> None:
@@ -88,8 +99,18 @@ class EngineLoop:
     def _abort_all(self) -> list[RequestOutput]:
         return [out for rid in list(self.engine.requests) if (out := self.engine.abort(rid)) is not None]
 
-    def _deliver(self, out: RequestOutput) -> None:
-        target = self._listeners.get(out.request_id)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, out)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Puts a step's outputs on their listeners' queues: one wake-up per event loop per step,
+        not one per output (each wake-up is a write to the loop's self-pipe and a pass of it)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._listeners.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in items:
+        q.put_nowait(out)
