@@ -377,10 +377,9 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
             raise APIError(400, f"adapter path {body.lora_path!r} is outside the allowed directories", param="lora_path")
         if resident.known(body.lora_name) or body.lora_name == engine.model_name:
             raise APIError(400, f"a model named {body.lora_name!r} is already loaded", param="lora_name")
-        try:  # files are read here, off the engine thread; registering is one step's pause at most
-            adapter = await asyncio.to_thread(load_peft_adapter, real, engine.model.config, body.lora_name,
-                                              dtype=engine.model.dtype, device=engine.model.device)
-            await loop.call(lambda e: (resident.make_room(1), e.adapters.add(adapter)))
+        try:  # read and registered between two steps, on the engine's thread (torch runs nowhere else)
+            await loop.call(lambda e: (resident.make_room(1), e.adapters.add(
+                load_peft_adapter(real, e.model.config, body.lora_name, dtype=e.model.dtype, device=e.model.device))))
         except AdapterError as e:
             raise APIError(400, str(e), param="lora_path") from None
         store.put_adapter(body.lora_name, {"path": str(real), "source": "loaded", "pinned": body.pinned})

@@ -9,7 +9,6 @@ being admitted) is evicted first. Evicting only unregisters it: its files stay i
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 
@@ -36,9 +35,9 @@ class ResidentAdapters:
         info = self.store.adapters().get(name)
         if info is None:
             raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
-        adapter = await asyncio.to_thread(load_peft_adapter, info["path"], self.engine.model.config, name,
-                                          dtype=self.engine.model.dtype, device=self.engine.model.device)
-        await loop.call(lambda e: self._admit(adapter))
+        # read on the engine's thread: torch on any other thread would cost the engine (engine_loop.py)
+        await loop.call(lambda e: self._admit(load_peft_adapter(info["path"], e.model.config, name, dtype=e.model.dtype,
+                                                                device=e.model.device)))
 
     def release(self, name: str) -> None:
         """Engine thread."""
