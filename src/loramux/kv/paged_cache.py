@@ -63,7 +63,8 @@ class PagedKVCache:
             return self.k[layer][slots], self.v[layer][slots]
         n, flat = slots.numel(), slots.reshape(-1)
         if self._workspace.shape[1] < n:
-            self._workspace = self._workspace.new_empty(2, max(n, 2 * self._workspace.shape[1]), *self._workspace.shape[2:])
+            with torch.inference_mode(False):  # a normal tensor: steps outside inference mode write it too
+                self._workspace = self._workspace.new_empty(2, max(n, 2 * self._workspace.shape[1]), *self._workspace.shape[2:])
         k, v = self._workspace[0, :n], self._workspace[1, :n]
         torch.index_select(self.k[layer], 0, flat, out=k)
         torch.index_select(self.v[layer], 0, flat, out=v)
