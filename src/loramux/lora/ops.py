@@ -113,28 +113,42 @@ def add_lora_group(
     sizes: Sequence[int], training: bool = False,
 ) -> torch.Tensor:
     """Same result as `add_lora_loop` on each projection's columns, differentiable into every A and
-    B. y: [T, sum(sizes)] (not a view), x: [T, in]; projections[i]: the adapters of the projection
-    whose output columns are the i-th `sizes` block. Adds in place and returns y. Per segment:
+    B. y: [T, sum(sizes)], x: [T, in]; projections[i]: the adapters of the projection whose output
+    columns are the i-th `sizes` block. Returns y + delta (y itself is left as it is), where per
+    segment
 
-    y[start:end] += (x[start:end] @ [A_0; A_1; ...].T) @ blockdiag(s_0 B_0, s_1 B_1, ...).T
+    delta[start:end] = (x[start:end] @ [A_0; A_1; ...].T) @ blockdiag(s_0 B_0, s_1 B_1, ...).T
 
     built from the adapters' own A and B (so autograd reaches them), with a zero block where the
-    segment's adapter does not target a projection. With `training` and dropout, each projection's
-    input gets its own mask (as PEFT does), and the pairs run one per projection instead.
+    segment's adapter does not target a projection, and zero rows outside the segments. With
+    `training` and dropout, each projection's input gets its own mask (as PEFT does), and the pairs
+    run one per projection instead. One out-of-place add, not an in-place add per segment: the
+    backward of an in-place add into rows of y copies y's whole gradient, for every group of every
+    layer (with freshly allocated, page-faulting memory, 11% of a training step).
     """
+    pieces: list[torch.Tensor] = []
+    done = 0  # rows [0, done) have their piece
     for start, end, slot in segments.segments:
         ws = [weights.get(slot) for weights in projections]
         if all(w is None for w in ws):
             continue
         xs = x[start:end]
         if training and any(w is not None and w.dropout > 0 for w in ws):
-            parts = [xs.new_zeros(end - start, size) if w is None else _lora_delta(xs, w, training) for w, size in zip(ws, sizes)]
-            y[start:end] += torch.cat(parts, dim=-1)
-            continue
-        A = torch.cat([w.A for w in ws if w is not None])
-        B = torch.block_diag(*(w.scale * w.B if w is not None else xs.new_zeros(size, 0) for w, size in zip(ws, sizes)))
-        y[start:end] += (xs @ A.T) @ B.T
-    return y
+            delta = torch.cat([xs.new_zeros(end - start, size) if w is None else _lora_delta(xs, w, training)
+                               for w, size in zip(ws, sizes)], dim=-1)
+        else:
+            A = torch.cat([w.A for w in ws if w is not None])
+            B = torch.block_diag(*(w.scale * w.B if w is not None else xs.new_zeros(size, 0) for w, size in zip(ws, sizes)))
+            delta = (xs @ A.T) @ B.T
+        if start > done:
+            pieces.append(delta.new_zeros(start - done, y.shape[1]))
+        pieces.append(delta)
+        done = end
+    if not pieces:
+        return y
+    if done < y.shape[0]:
+        pieces.append(pieces[0].new_zeros(y.shape[0] - done, y.shape[1]))
+    return y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).to(y.dtype)
 
 
 def add_lora_stacked(
