@@ -4,7 +4,7 @@ For every segment (start, end, slot) and every row r in [start, end):
 
     y[r] += scale[slot] * B[slot] @ (A[slot] @ dropout(x[r]))        A: [rank, in], B: [out, rank]
 
-Two implementations compute the same thing:
+Four implementations compute the same thing:
 
 - `add_lora_loop`: one pair of matmuls per segment. The plain reference.
 - `add_lora_group`: the path for rows that build autograd graphs (few adapters with long
@@ -161,15 +161,15 @@ def add_lora_stacked(
 
     (in the stacked weights' dtype, rounded to y's when added).
     """
-    if x.dtype == stacked.A_t.dtype:
-        for start, end, slot in segments.segments:
-            if slot in slots:
-                y[start:end].addmm_(x[start:end] @ stacked.A_t[slot], stacked.B_t[slot])
-        return y
-    xc = x.to(stacked.A_t.dtype)
+    xc = x.to(stacked.A_t.dtype)  # x itself when the dtypes agree
     for start, end, slot in segments.segments:
-        if slot in slots:
-            y[start:end] += (xc[start:end] @ stacked.A_t[slot]) @ stacked.B_t[slot]
+        if slot not in slots:
+            continue
+        h = xc[start:end] @ stacked.A_t[slot]
+        if xc is x:
+            y[start:end].addmm_(h, stacked.B_t[slot])
+        else:  # addmm_ needs one dtype: the delta is rounded to y's as it is added
+            y[start:end] += h @ stacked.B_t[slot]
     return y
 
 

@@ -25,7 +25,6 @@ from loramux.engine.engine import Engine
 from loramux.engine.requests import RequestOutput
 from loramux.engine.scheduler import QueueFullError
 from loramux.lora.adapter import AdapterError
-from loramux.lora.peft_io import load_peft_adapter
 from loramux.server.engine_loop import EngineLoop
 from loramux.server.jobs import JobService
 from loramux.server.metrics import Metrics
@@ -61,7 +60,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        # `loop.run()` runs on another thread (see serve); this first call precedes any request's
+        # recovery is the engine loop's first call (it runs on the main thread, see process.serve)
         await loop.call(lambda engine: (jobs.recover(), resident.make_room(0)))
         yield
         loop.stop()
@@ -378,8 +377,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
         if resident.known(body.lora_name) or body.lora_name == engine.model_name:
             raise APIError(400, f"a model named {body.lora_name!r} is already loaded", param="lora_name")
         try:  # read and registered between two steps, on the engine's thread (torch runs nowhere else)
-            await loop.call(lambda e: (resident.make_room(1), e.adapters.add(
-                load_peft_adapter(real, e.model.config, body.lora_name, dtype=e.model.dtype, device=e.model.device))))
+            await loop.call(lambda e: (resident.make_room(1), e.load_adapter(body.lora_name, real)))
         except AdapterError as e:
             raise APIError(400, str(e), param="lora_path") from None
         store.put_adapter(body.lora_name, {"path": str(real), "source": "loaded", "pinned": body.pinned})

@@ -5,7 +5,7 @@ handlers hand it. The engine is never touched from two threads at once.
 thread; the HTTP server runs on another). libgomp keeps a team of worker threads for every thread
 that has run parallel code, and once its threads outnumber the cores, every team spins only
 briefly at its barriers before sleeping: the engine on a thread of its own, beside the main
-thread's idle team, made 30% fewer tokens/s on 2 cores (docs/benchmarks.md, HTTP server). For the
+thread's idle team, made 30% fewer tokens/s on 2 cores (docs/benchmarks.md, "The engine's thread"). For the
 same reason torch runs on the engine's thread only: one parallel op on a worker thread that lives
 on (asyncio.to_thread's) leaves a team behind and slows every later step as much.
 

@@ -2,8 +2,8 @@
 request leaves one JSON log line (method, path, status, milliseconds until its last byte was sent).
 
 Plain ASGI rather than Starlette's `BaseHTTPMiddleware`, which relays each chunk of a streamed
-response through a memory stream and an extra task: with dozens of token streams that relay cost
-as much as the handlers themselves (docs/benchmarks.md, HTTP server).
+response through a memory stream and an extra task, and would log a stream when its headers leave
+rather than when it ends. (Throughput was measured the same either way: docs/benchmarks.md.)
 """
 
 from __future__ import annotations

@@ -36,8 +36,7 @@ class ResidentAdapters:
         if info is None:
             raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
         # read on the engine's thread: torch on any other thread would cost the engine (engine_loop.py)
-        await loop.call(lambda e: self._admit(load_peft_adapter(info["path"], e.model.config, name, dtype=e.model.dtype,
-                                                                device=e.model.device)))
+        await loop.call(lambda e: self._admit(name, info["path"]))
 
     def release(self, name: str) -> None:
         """Engine thread."""
@@ -51,11 +50,16 @@ class ResidentAdapters:
             return True
         return False
 
-    def _admit(self, adapter) -> None:
-        if not self._reserve_if_resident(adapter.name):
-            self.make_room(1)
-            self.engine.adapters.add(adapter)
-            self._reserved[adapter.name] += 1
+    def _admit(self, name: str, path: str) -> None:
+        """Engine thread: reserves `name`, reading it from `path` first unless a request since made
+        it resident; read before making room, so that a refused adapter evicts nothing."""
+        if self._reserve_if_resident(name):
+            return
+        adapter = load_peft_adapter(path, self.engine.model.config, name, dtype=self.engine.model.dtype,
+                                    device=self.engine.model.device)
+        self.make_room(1)
+        self.engine.adapters.add(adapter)
+        self._reserved[name] += 1
 
     def make_room(self, extra: int) -> None:
         """Evicts idle adapters until `extra` more fit under the limit (engine thread)."""
