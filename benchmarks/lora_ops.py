@@ -10,7 +10,8 @@ row split it times the median wall-clock over ``--repeat`` runs (after warm-up) 
 1. ``base``  : ``F.linear(x, W)`` alone (the cost every layer pays anyway),
 2. ``loop``  : base + ``add_lora_loop``  (one pair of small matmuls per segment, the reference),
 3. ``tiled`` : base + ``add_lora_tiled`` (two batched matmuls over equal tiles of all segments),
-   with ``StackedLora.build`` done once outside the timed region, as ``MultiLoraLinear`` caches it.
+   with the tiles' stacked weights (``StackedLora.build(...).tiles(segments)``) gathered once outside
+   the timed region, as ``MultiLoraLinear`` keeps them from one step to the next.
 
 The three variants are interleaved inside every repeat (order rotated), so drift in machine load
 hits all of them alike. ``LoraSegments`` is also built outside the timed region (it is computed
@@ -30,7 +31,7 @@ a quick flag for a noisy measurement (e.g. another process competing for the cor
 load average is printed before and after the run for the same reason.
 
 The "layer uses" column says which path ``MultiLoraLinear.forward`` would pick for that batch at
-inference (tiled only from ``TILED_MIN_SEGMENTS`` segments up).
+inference (tiled when every segment fits one tile, or from ``TILED_MIN_SEGMENTS`` segments up).
 
 How to run
 ----------
@@ -101,14 +102,14 @@ def make_case(rows, in_f, out_f, rank, counts, dtype, seed, scale=2.0):
         spans.append((start, start + n, slot))
         start += n
     segments = LoraSegments.from_segments(rows, spans)
-    stacked = StackedLora.build(weights, in_f, out_f)
-    return x, W, weights, segments, stacked
+    tiles = StackedLora.build(weights, in_f, out_f).tiles(segments)
+    return x, W, weights, segments, tiles
 
 
-def check(x, W, weights, segments, stacked, dtype) -> float:
+def check(x, W, weights, segments, tiles, dtype) -> float:
     """Max |tiled - loop|; raises if they disagree beyond the dtype's tolerance."""
     y_loop = add_lora_loop(F.linear(x, W), x, segments, weights)
-    y_tiled = add_lora_tiled(F.linear(x, W), x, segments, stacked)
+    y_tiled = add_lora_tiled(F.linear(x, W), x, segments, tiles)
     diff = (y_tiled.float() - y_loop.float()).abs().max().item()
     if dtype == torch.float32:
         tol = 1e-4
@@ -119,11 +120,11 @@ def check(x, W, weights, segments, stacked, dtype) -> float:
     return diff
 
 
-def time_case(x, W, weights, segments, stacked, warmup: int, repeat: int) -> dict[str, float]:
+def time_case(x, W, weights, segments, tiles, warmup: int, repeat: int) -> dict[str, float]:
     fns = {
         "base": lambda: F.linear(x, W),
         "loop": lambda: add_lora_loop(F.linear(x, W), x, segments, weights),
-        "tiled": lambda: add_lora_tiled(F.linear(x, W), x, segments, stacked),
+        "tiled": lambda: add_lora_tiled(F.linear(x, W), x, segments, tiles),
     }
     return time_interleaved(fns, warmup, repeat)
 
@@ -176,15 +177,16 @@ def main(argv: list[str] | None = None) -> int:
                     if split == "zipf" and n_ad == 1:
                         continue  # identical to uniform
                     counts = split_rows(a.rows, n_ad, split, a.zipf_s)
-                    x, W, weights, segments, stacked = make_case(
+                    x, W, weights, segments, tiles = make_case(
                         a.rows, a.in_features, a.out_features, a.rank, counts, dtype, a.seed, a.lora_scale)
-                    diff = check(x, W, weights, segments, stacked, dtype)
-                    ms = time_case(x, W, weights, segments, stacked, a.warmup, a.repeat)
+                    diff = check(x, W, weights, segments, tiles, dtype)
+                    ms = time_case(x, W, weights, segments, tiles, a.warmup, a.repeat)
                     loop_ovh = 100 * (ms["loop"] / ms["base"] - 1)
                     tiled_ovh = 100 * (ms["tiled"] / ms["base"] - 1)
                     speedup = ms["loop"] / ms["tiled"]
                     spread = max(ms[n + "_iqr_pct"] for n in ("base", "loop", "tiled"))
-                    layer_path = "tiled" if len(segments.segments) >= TILED_MIN_SEGMENTS else "loop"
+                    tiled = segments.one_tile_per_segment or len(segments.segments) >= TILED_MIN_SEGMENTS
+                    layer_path = "tiled" if tiled else "loop"
                     rows_desc = str(counts[0]) if len(set(counts)) == 1 else f"{max(counts)}..{min(counts)}"
                     print(f"| {dname} | {n_ad} | {split} | {rows_desc} | {segments.tile} | {ms['base']:.3f} | "
                           f"{ms['loop']:.3f} | {ms['tiled']:.3f} | {loop_ovh:+.1f}% | {tiled_ovh:+.1f}% | "

@@ -77,10 +77,11 @@ def test_loop_matches_per_row_definition(mix, ranks):
 @pytest.mark.parametrize("mix", MIXES)
 @pytest.mark.parametrize("ranks", RANKS, ids=["rank8", "mixed-ranks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tiled_matches_loop(mix, ranks, dtype):
-    x, W, seg, weights = _setup(mix, ranks, dtype)
+@pytest.mark.parametrize("base_rows", [7, 0], ids=["base-rows", "adapter-rows-only"])
+def test_tiled_matches_loop(mix, ranks, dtype, base_rows):
+    x, W, seg, weights = _setup(mix, ranks, dtype, base_rows)
     loop = add_lora_loop(x @ W.T, x, seg, weights)
-    tiled = add_lora_tiled(x @ W.T, x, seg, StackedLora.build(weights, IN, OUT))
+    tiled = add_lora_tiled(x @ W.T, x, seg, StackedLora.build(weights, IN, OUT).tiles(seg))
     tol = 1e-4 if dtype == torch.float32 else 0.05 * loop.abs().max().item()
     assert (tiled.float() - loop.float()).abs().max().item() <= tol
 
@@ -88,7 +89,7 @@ def test_tiled_matches_loop(mix, ranks, dtype):
 def test_rows_without_adapter_get_the_base_output_alone():
     x, W, seg, weights = _setup("uniform", (8,), base_rows=11)
     first_base_row = seg.segments[-1][1]
-    for y in (add_lora_loop(x @ W.T, x, seg, weights), add_lora_tiled(x @ W.T, x, seg, StackedLora.build(weights, IN, OUT))):
+    for y in (add_lora_loop(x @ W.T, x, seg, weights), add_lora_tiled(x @ W.T, x, seg, StackedLora.build(weights, IN, OUT).tiles(seg))):
         assert torch.equal(y[first_base_row:], (x @ W.T)[first_base_row:])
 
 
@@ -130,6 +131,32 @@ def test_layer_sees_in_place_weight_updates_through_version(always_tiled):
     assert torch.equal(before, stale)
     assert (fresh - add_lora_loop(x @ W.T, x, seg, weights)).abs().max() <= 1e-4
     assert not torch.allclose(fresh, before)
+
+
+def test_tiles_are_one_per_segment_when_segments_are_alike():
+    even = LoraSegments.from_segments(32, [(0, 8, 3), (8, 16, 1), (16, 24, 0), (24, 32, 2)])
+    assert (even.tile, even.tile_slot_key, even.one_tile_per_segment, even.dense) == (8, (3, 1, 0, 2), True, True)
+    assert torch.equal(even.tile_rows.flatten(), torch.arange(32))
+    ragged = LoraSegments.from_segments(32, [(0, 7, 0), (7, 15, 1), (15, 20, 2)])  # 3 x 8 rows for 20
+    assert (ragged.tile, ragged.one_tile_per_segment, ragged.dense) == (8, True, False)
+    skewed = LoraSegments.from_segments(32, [(0, 20, 0), (20, 26, 1), (26, 30, 2), (30, 32, 3)])
+    assert skewed.tile == 8 and skewed.tile_slot_key == (0, 0, 0, 1, 2, 3) and not skewed.one_tile_per_segment
+
+
+def test_layer_regathers_tile_weights_when_the_layout_changes():
+    """The layer keeps each tile's weights from one call to the next; another layout at the same
+    weights version must not reuse them."""
+    x, W, _, weights = _setup("uniform", (4, 8), base_rows=0)
+    layer = MultiLoraLinear(IN, OUT, bias=False, name="q_proj", layer_idx=0)
+    with torch.no_grad():
+        layer.weight.copy_(W)
+        for slot, w in weights.items():
+            layer.set_adapter(slot, w)
+        layouts = [LoraSegments.from_segments(ROWS, [(12 * i, 12 * i + 12, slot) for i, slot in enumerate(order)])
+                   for order in ([0, 1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5, 6, 7])]
+        for seg in layouts:
+            got = layer(x, seg, builds_graph=False, weights_version=0)
+            assert (got - add_lora_loop(x @ W.T, x, seg, weights)).abs().max().item() <= 1e-4
 
 
 def test_segments_reject_an_adapter_in_two_segments():

@@ -320,6 +320,16 @@ def test_logprobs_with_blocked_ids_report_the_model_distribution():
     assert [i for i, _ in lp.top] == [1, 3]
 
 
+def test_a_batch_argmax_is_used_only_where_nothing_changes_the_scores():
+    logits = torch.tensor([0.0, 5.0, 1.0, 2.0])
+    greedy = SamplingParams()
+    assert sample_next(logits, greedy, torch.Generator(), argmax=1)[0] == 1
+    assert sample_next(logits, greedy, torch.Generator(), blocked_ids=[1], argmax=1)[0] == 3
+    assert sample_next(logits, SamplingParams(frequency_penalty=2.0), torch.Generator(), output_ids=[1, 1], argmax=1)[0] == 3
+    sampled = SamplingParams(temperature=1.0)
+    assert {sample_next(logits, sampled, torch.Generator().manual_seed(s), argmax=1)[0] for s in range(40)} != {1}
+
+
 def test_sample_next_does_not_modify_the_logits():
     logits = torch.randn(40, generator=torch.Generator().manual_seed(4))
     before = logits.clone()

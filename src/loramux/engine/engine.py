@@ -52,10 +52,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """kv_cache_memory: bytes for the paged KV pool (its block count follows). block_size: tokens per block."""
+    """kv_cache_memory: bytes for the paged KV pool (its block count follows). block_size: tokens per block.
+    prepack_weights: bf16 models on CPU keep a pre-packed copy of the base weights for inference
+    rows (model/prepacked.py): faster decode steps, for that much more memory."""
 
     kv_cache_memory: int = 512 * 2**20
     block_size: int = 16
+    prepack_weights: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
@@ -77,6 +80,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.loaded = loaded
         self.model = loaded.model
+        self.model.prepack_weights(self.config.prepack_weights)
         self.tokenizer = loaded.tokenizer
         self.adapters = AdapterRegistry(self.model)
         self.kv = PagedKVCache.from_memory(
@@ -308,17 +312,18 @@ class Engine:
             self.trainer.apply(hidden, batch.chunk_rows[len(scheduled.chunks) :], work)
         for c in scheduled.chunks:
             c.request.num_computed = c.end
-        outputs = [self._append_token(scheduled.chunks[i].request, logits[j]) for j, i in enumerate(sampled)]
+        argmaxes = logits.max(-1).indices.tolist() if sampled else []  # first of ties, as argmax; 2.5x faster
+        outputs = [self._append_token(scheduled.chunks[i].request, logits[j], argmaxes[j]) for j, i in enumerate(sampled)]
         for item in work:
             row_counts[item.kind] += len(item.sample)
         self.scheduler.cost.record(row_counts, time.perf_counter() - started)
         return outputs
 
-    def _append_token(self, request: Request, logits: torch.Tensor) -> RequestOutput:
+    def _append_token(self, request: Request, logits: torch.Tensor, argmax: int) -> RequestOutput:
         params = request.params
         ends = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
         blocked = ends if len(request.output_ids) < params.min_tokens else ()
-        token, logprob = sample_next(logits, params, request.generator, request.prompt_ids, request.output_ids, blocked)
+        token, logprob = sample_next(logits, params, request.generator, request.prompt_ids, request.output_ids, blocked, argmax)
         now = time.perf_counter()
         request.output_ids.append(token)
         request.metrics.num_output_tokens = len(request.output_ids)

@@ -85,10 +85,13 @@ def sample_next(
     prompt_ids: Sequence[int] = (),
     output_ids: Sequence[int] = (),
     blocked_ids: Sequence[int] = (),
+    argmax: int | None = None,
 ) -> tuple[int, TokenLogprob | None]:
     """logits [vocab] float32 -> (next token id, its log-probabilities if asked for).
 
     blocked_ids are forbidden for now (end-of-sequence ids while `min_tokens` is not reached).
+    argmax: logits.argmax(), if the caller has it (one call for a whole batch's rows costs about
+    what one row's costs).
     Log-probabilities are those of the model's raw distribution, as vLLM reports by default.
     """
     scores = logits
@@ -101,7 +104,7 @@ def sample_next(
         scores = scores - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(scores.dtype)
     if blocked_ids:
         scores = scores.index_fill(0, torch.tensor(list(blocked_ids), dtype=torch.long, device=logits.device), float("-inf"))
-    token = _choose(scores, params, generator)
+    token = argmax if argmax is not None and params.greedy and scores is logits else _choose(scores, params, generator)
     if params.logprobs is None:
         return token, None
     logprobs = torch.log_softmax(logits, dim=-1)

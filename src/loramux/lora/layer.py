@@ -12,11 +12,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loramux.lora.ops import LoraWeights, StackedLora, add_lora_group, add_lora_stacked, add_lora_tiled
+from loramux.lora.ops import LoraWeights, StackedLora, TileWeights, add_lora_group, add_lora_stacked, add_lora_tiled
 from loramux.lora.segments import LoraSegments
+from loramux.model.prepacked import FrozenLinear
 
 # Below this many segments the per-segment stacked path is faster on CPU: the tiled path gathers
 # each tile's stacked weights (a copy per group per layer). Measured end to end, 16 of 64 adapters
@@ -68,6 +68,7 @@ class FusedLoraLinear(nn.Module):
         self.out_features = sum(self.sizes)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+        self.base = FrozenLinear()
         self.projections: dict[str, LoraProjection] = {}
         offset = 0
         for name, size in outputs:
@@ -77,10 +78,11 @@ class FusedLoraLinear(nn.Module):
         self._slots: frozenset[int] = frozenset()  # slots with an adapter on any projection
         self._stacked: StackedLora | None = None
         self._stacked_version = -1
+        self._tiles: tuple[tuple, TileWeights] | None = None  # (weights version, tile slots), weights
 
     def adapters_changed(self) -> None:
         self._slots = frozenset(s for p in self.projections.values() for s in p.adapters)
-        self._stacked = None
+        self._stacked = self._tiles = None
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """y [T, out_features] -> each projection's output [T, out_i], views in `outputs` order."""
@@ -95,6 +97,14 @@ class FusedLoraLinear(nn.Module):
             self._stacked_version = weights_version
         return self._stacked
 
+    def tiles(self, segments: LoraSegments, weights_version: int) -> TileWeights:
+        """Each tile's stacked weights, kept for the next step: from one decode step to the next the
+        tiles' slots rarely change, and gathering them costs more than the two batched matmuls."""
+        key = (weights_version, segments.tile_slot_key)
+        if self._tiles is None or self._tiles[0] != key:
+            self._tiles = key, self.stacked(weights_version).tiles(segments)
+        return self._tiles[1]
+
     def forward(self, x: torch.Tensor, segments: LoraSegments, builds_graph: bool, weights_version: int) -> torch.Tensor:
         """x: [T, in] -> y [T, out_features].
 
@@ -102,15 +112,15 @@ class FusedLoraLinear(nn.Module):
         B so that autograd reaches them (with dropout). `weights_version` changes whenever any
         adapter's weights change (it invalidates the stacked copy).
         """
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x, self.weight, self.bias)
         if self._slots.isdisjoint(segments.slots):
             return y
         if builds_graph or torch.is_grad_enabled():
             return add_lora_group(y, x, segments, [p.adapters for p in self.projection_list], self.sizes, training=builds_graph)
-        stacked = self.stacked(weights_version)
-        if len(segments.segments) >= TILED_MIN_SEGMENTS and self._slots.issuperset(segments.slots):
-            return add_lora_tiled(y, x, segments, stacked)
-        return add_lora_stacked(y, x, segments, stacked, self._slots)
+        tiled = segments.one_tile_per_segment or len(segments.segments) >= TILED_MIN_SEGMENTS
+        if tiled and self._slots.issuperset(segments.slots):
+            return add_lora_tiled(y, x, segments, self.tiles(segments, weights_version))
+        return add_lora_stacked(y, x, segments, self.stacked(weights_version), self._slots)
 
 
 class MultiLoraLinear(FusedLoraLinear):

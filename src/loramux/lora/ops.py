@@ -13,7 +13,8 @@ Four implementations compute the same thing:
 - `add_lora_stacked`: one pair of matmuls per segment against the weights stacked by slot (scale
   folded in); for a fused group of projections (q, k, v) the pair covers all of them at once.
 - `add_lora_tiled`: every segment cut into equal tiles; two batched matmuls over all tiles against
-  weights stacked by slot and padded to the largest rank. No Python loop over adapters.
+  each tile's stacked weights (gathered by slot, padded to the largest rank). No Python loop over
+  adapters.
 
 The last two are for inference rows only (the stacked copy is not a leaf of the adapters' weights).
 """
@@ -85,6 +86,18 @@ class StackedLora:
                     B_t[slot, r0 : r0 + w.rank, c0 : c0 + out] = w.scale * w.B.T
                 r0, c0 = r0 + rank, c0 + out
         return cls(A_t, B_t)
+
+    def tiles(self, segments: LoraSegments) -> TileWeights:
+        """Every tile's weights, gathered (copied) by its slot."""
+        return TileWeights(self.A_t[segments.tile_slots], self.B_t[segments.tile_slots])
+
+
+@dataclass(frozen=True)
+class TileWeights:
+    """The stacked weights of each tile's slot: A [n_tiles, in, max_rank], B [n_tiles, max_rank, out]."""
+
+    A: torch.Tensor
+    B: torch.Tensor
 
 
 def add_lora_loop(
@@ -173,15 +186,22 @@ def add_lora_stacked(
     return y
 
 
-def add_lora_tiled(y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, stacked: StackedLora) -> torch.Tensor:
+def add_lora_tiled(y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, tiles: TileWeights) -> torch.Tensor:
     """Same result as `add_lora_loop` (no dropout). y: [T, out], x: [T, in]; returns y.
+    `tiles` holds the stacked weights of each tile's slot (`StackedLora.tiles(segments)`).
 
-    xt = x[tile_rows]                  [n_tiles, tile, in]
-    h  = xt @ A_t[tile_slots]          [n_tiles, tile, max_rank]
-    d  = h @ B_t[tile_slots]           [n_tiles, tile, out]
+    xt = x[tile_rows]                  [n_tiles, tile, in]   (a view of x when segments.dense)
+    h  = xt @ A[tile]                  [n_tiles, tile, max_rank]
+    d  = h @ B[tile]                   [n_tiles, tile, out]
     y[valid_rows] += d.flat[valid]
     """
-    xt = x.to(stacked.A_t.dtype)[segments.tile_rows]
-    h = torch.bmm(xt, stacked.A_t[segments.tile_slots])
-    d = torch.bmm(h, stacked.B_t[segments.tile_slots]).reshape(-1, y.shape[1])
+    xc = x.to(tiles.A.dtype)
+    if segments.dense:
+        h = torch.bmm(xc.view(*segments.tile_rows.shape, -1), tiles.A)
+        if xc is x:
+            y.view(*h.shape[:2], -1).baddbmm_(h, tiles.B)
+            return y
+        return y.add_(torch.bmm(h, tiles.B).view_as(y))
+    h = torch.bmm(xc[segments.tile_rows], tiles.A)
+    d = torch.bmm(h, tiles.B).reshape(-1, y.shape[1])
     return y.index_add_(0, segments.valid_rows, d[segments.valid].to(y.dtype))

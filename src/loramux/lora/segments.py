@@ -17,12 +17,17 @@ class LoraSegments:
     segments:   (start, end, slot) triples: rows [start, end) use adapter `slot`. Segments are
                 disjoint and sorted; rows in no segment get the base output alone.
     slots:      the set of slots of `segments`.
-    For the batched (tiled) path every segment is cut into tiles of `tile` rows:
+    For the batched (tiled) path every segment is cut into tiles of `tile` rows: one tile per
+    segment (`tile` = the longest segment) when that at most doubles the rows, as in decode steps
+    where every adapter has a similar number of sequences; else tiles of a power of two near the
+    mean segment length.
     tile_rows:  [n_tiles, tile] long, row index of each tile position; padding positions repeat the
                 tile's first row (so gathers stay in bounds) and are left out by `valid`.
-    tile_slots: [n_tiles] long, the adapter slot of each tile.
+    tile_slots: [n_tiles] long, the adapter slot of each tile; `tile_slot_key` the same as a tuple.
     valid:      [n_valid] long, flat positions of tile_rows that hold real rows.
     valid_rows: [n_valid] long, tile_rows.flatten()[valid].
+    one_tile_per_segment: no slot repeats in tile_slots (its stacked weights are gathered once).
+    dense:      tile_rows is every row of the batch, in order, without padding (x needs no gather).
     """
 
     num_rows: int
@@ -33,6 +38,9 @@ class LoraSegments:
     valid: torch.Tensor
     valid_rows: torch.Tensor
     slots: frozenset[int]
+    tile_slot_key: tuple[int, ...]
+    one_tile_per_segment: bool
+    dense: bool
 
     @classmethod
     def from_spans(
@@ -62,8 +70,12 @@ class LoraSegments:
         if len(set(slots)) != len(slots):
             raise ValueError("each adapter's rows must form one contiguous segment")
         covered = sum(e - s for s, e, _ in segments)
-        mean = -(-covered // max(len(segments), 1))
-        tile = min(MAX_TILE, max(MIN_TILE, 1 << max(mean - 1, 0).bit_length()))
+        longest = max((e - s for s, e, _ in segments), default=1)
+        if longest <= MAX_TILE and longest * len(segments) <= 2 * covered:
+            tile = longest
+        else:
+            mean = -(-covered // max(len(segments), 1))
+            tile = min(MAX_TILE, max(MIN_TILE, 1 << max(mean - 1, 0).bit_length()))
         tile_rows: list[list[int]] = []
         tile_slots: list[int] = []
         is_real: list[bool] = []
@@ -84,4 +96,7 @@ class LoraSegments:
             valid=valid.to(device),
             valid_rows=flat[valid].to(device),
             slots=frozenset(slots),
+            tile_slot_key=tuple(tile_slots),
+            one_tile_per_segment=len(tile_slots) == len(segments),
+            dense=all(is_real) and flat.tolist() == list(range(num_rows)),
         )

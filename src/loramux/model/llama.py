@@ -22,6 +22,7 @@ from loramux.config import LORA_TARGETS, ModelConfig
 from loramux.engine.batch import Batch, BatchPart
 from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.layer import FusedLoraLinear, LoraProjection, MultiLoraLinear
+from loramux.model.prepacked import FrozenLinear
 from loramux.model.rope import apply_rotary, inverse_frequencies, rotary_tables
 
 
@@ -177,6 +178,7 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", inverse_frequencies(config.rope, config.head_dim), persistent=False)
         self.requires_grad_(False)
         self.weights_version = 0
+        self._lm_head = FrozenLinear()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -214,4 +216,12 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self._lm_head(hidden, weight).float()
+
+    def prepack_weights(self, enabled: bool) -> None:
+        """Whether rows that build no graph use pre-packed copies of the frozen bf16 weights on CPU
+        (model/prepacked.py: faster GEMMs for a second copy of the weights)."""
+        for frozen in [self._lm_head] + [m.base for m in self.modules() if isinstance(m, FusedLoraLinear)]:
+            frozen.enabled = enabled
+            if not enabled:
+                frozen.release()
