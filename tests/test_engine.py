@@ -112,6 +112,16 @@ def test_greedy_tokens_match_transformers_peft(make_engine, tmp_path):
         assert out.token_ids == expected[0, ids.shape[1]:].tolist(), (prompt, adapter)
 
 
+def test_the_first_step_is_not_a_sample_of_step_cost(make_engine):
+    """It pays one-time costs (page faults, packing, kernel choice) that later steps do not."""
+    engine = make_engine(adapters=False)
+    engine.add_request([1, 2, 3, 4], None, SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.step()
+    assert len(engine.scheduler.cost.samples) == 0
+    engine.step()
+    assert len(engine.scheduler.cost.samples) == 1
+
+
 def test_preempted_requests_recompute_to_the_same_output(make_engine):
     """A cache too small for four growing sequences forces preemption; the preempted requests are
     recomputed later and still give their greedy output alone."""

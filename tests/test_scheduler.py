@@ -52,6 +52,19 @@ def test_cost_model_recovers_per_kind_rates():
     assert model.max_rows_within(0.2, RowKind.PREFILL, {RowKind.DECODE: 10}) == pytest.approx(140, abs=3)
 
 
+def test_cost_model_from_small_steps_alone_does_not_make_rows_look_expensive():
+    """Steps of a few decode rows each (as while a handful of requests run) are mostly fixed cost;
+    the model must not price a prefill row at a whole small step's time per row."""
+    model = StepCostModel()
+    for rows in (1, 2, 4, 4, 3):
+        model.record({RowKind.DECODE: rows}, 0.030 + 0.001 * rows)
+    fixed, rates = model.fit()
+    assert 0.02 <= fixed <= 0.031
+    # the truth, 0.001 s per row, would give 170 rows in 0.2 s; pooled per-row time (about 0.011
+    # s) would give 16
+    assert model.max_rows_within(0.2, RowKind.PREFILL, {}) >= 60
+
+
 def test_long_prompt_is_prefilled_in_chunks_then_decodes():
     s = _scheduler(max_prefill_chunk=8)
     r = _request(0, prompt_len=20)

@@ -90,6 +90,7 @@ class Engine:
         self.trainer = Trainer(self.model)
         self.requests: dict[str, Request] = {}
         self._order = itertools.count()
+        self._warm = False
         eos = set(loaded.config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -316,7 +317,9 @@ class Engine:
         outputs = [self._append_token(scheduled.chunks[i].request, logits[j], argmaxes[j]) for j, i in enumerate(sampled)]
         for item in work:
             row_counts[item.kind] += len(item.sample)
-        self.scheduler.cost.record(row_counts, time.perf_counter() - started)
+        if self._warm:  # the first step pays one-time costs (weight packing, page faults): no sample
+            self.scheduler.cost.record(row_counts, time.perf_counter() - started)
+        self._warm = True
         return outputs
 
     def _append_token(self, request: Request, logits: torch.Tensor, argmax: int) -> RequestOutput:

@@ -61,12 +61,14 @@ class SchedulerConfig:
 class StepCostModel:
     """Step seconds ~= fixed + sum over row kinds of (seconds per row of that kind * rows of it).
 
-    Fitted by least squares over the last `window` steps, with a light ridge pull of every kind's
-    rate toward the pooled seconds-per-row, so a kind seen rarely (or always alongside another)
-    still gets a sensible rate.
+    Fitted by least squares over the last `window` steps, with a light ridge pull of the fixed
+    part toward most of the cheapest step's time, and of every kind's rate toward the pooled
+    seconds-per-row beyond that: a kind seen rarely (or always alongside another) still gets a
+    sensible rate, and a few small steps (mostly fixed cost) do not make rows look expensive.
     """
 
     KINDS = tuple(RowKind)
+    FIXED_SHARE_OF_CHEAPEST = 0.8
 
     def __init__(self, window: int = 64, ridge: float = 0.5) -> None:
         self.num_kinds = len(self.KINDS)
@@ -85,11 +87,12 @@ class StepCostModel:
             return None
         X = torch.tensor([[1.0, *c] for c, _ in self.samples], dtype=torch.float64)
         y = torch.tensor([s for _, s in self.samples], dtype=torch.float64)
-        pooled = float(y.sum() / X[:, 1:].sum().clamp(min=1.0))
-        prior = torch.tensor([0.0] + [pooled] * self.num_kinds, dtype=torch.float64)
-        # ridge toward the prior, worth `ridge` samples of each kind: negligible for kinds seen
+        fixed = self.FIXED_SHARE_OF_CHEAPEST * float(y.min())
+        pooled = float((y - fixed).sum() / X[:, 1:].sum().clamp(min=1.0))
+        prior = torch.tensor([fixed] + [pooled] * self.num_kinds, dtype=torch.float64)
+        # ridge toward the prior, worth `ridge` samples of each term: negligible for kinds seen
         # often, decisive for kinds never seen (their column is all zeros)
-        scale = torch.diag(torch.cat([torch.tensor([1e-9], dtype=torch.float64), self.ridge * (X[:, 1:] ** 2).mean(0) + 1e-9]))
+        scale = torch.diag(self.ridge * (X**2).mean(0) + 1e-9)
         coef = torch.linalg.solve(X.T @ X + scale, X.T @ y + scale @ prior)
         rates = tuple(max(float(r), 1e-3 * pooled, 1e-7) for r in coef[1:])
         return max(float(coef[0]), 0.0), rates
