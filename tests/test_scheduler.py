@@ -147,6 +147,26 @@ def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
     assert s.training_budget({}) == pytest.approx((0.5 - 0.02) / 0.004, abs=3)  # 120 rows, not 4096
 
 
+def test_training_spends_the_time_short_steps_saved_and_long_steps_pay_it_back():
+    s = _scheduler(max_step_tokens=4096, saved_steps_cap=2.0, min_train_tokens=1)  # (the rows credit stays small)
+    _fitted_training_costs(s)
+    r = _request(0, prompt_len=4)
+    s.add(r)
+    _run(s, s.schedule())  # r runs: a step may take 0.8 x 0.25 s = 0.2 s
+    rows = lambda seconds: pytest.approx((seconds - 0.02 - 0.004) / 0.004, abs=3)  # beside r's decode row
+    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.2)
+    s.note_step(0.05, 0, wanted_training=True)
+    s.note_step(0.05, 0, wanted_training=True)  # two short steps saved 0.3 s
+    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.5)
+    for _ in range(10):
+        s.note_step(0.05, 0, wanted_training=True)
+    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.6)  # at most 2 targets saved
+    s.note_step(0.6, 100, wanted_training=True)  # a long step with a sample spends them
+    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.2)
+    s.note_step(0.05, 0, wanted_training=False)  # no training waiting: nothing is saved
+    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.2)
+
+
 def test_training_outside_the_serving_window_is_bounded_by_rows_not_timings():
     """With no request arrived within serving_window_seconds, a training step is bounded by
     max_step_tokens alone, whatever the fitted costs, so its split of a batch is deterministic."""

@@ -209,7 +209,7 @@ def test_training_rows_fill_the_step_and_never_starve(tiny_engine):
 
     engine = tiny_engine(config=EngineConfig(kv_cache_memory=16 * 2**20, scheduler=SchedulerConfig(min_train_tokens=8)))
     job = engine.create_job("s", reverse_words(40, seed=0), lora=LORA, training=TrainingConfig(epochs=1, batch_size=2))
-    engine.scheduler.rows_within_target = lambda kind, beside: 0  # latency leaves no room at all
+    engine.scheduler.rows_within_target = lambda kind, beside, extra_seconds=0.0: 0  # latency leaves no room at all
     for i in range(60):
         if i % 5 == 0:
             engine.add_request("Hello", None, SamplingParams(max_tokens=8, ignore_eos=True))

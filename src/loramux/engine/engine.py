@@ -297,8 +297,8 @@ class Engine:
             row_counts[chunk.kind] += len(chunk.token_ids)
         wants_training = self.trainer.has_work
         work = self.trainer.take_work(self.scheduler.training_budget(row_counts)) if wants_training else []
-        self.scheduler.note_training(sum(len(item.sample) for item in work), wants_training)
         if not chunks and not work:
+            self.scheduler.note_step(0.0, 0, wants_training)  # training's credit still grows
             return []
         chunks += [Chunk(item.sample.input_ids, item.kind, self.adapters.slot(item.job.adapter.name)) for item in work]
         batch = Batch.build(chunks, self.kv, self.model.device)
@@ -317,8 +317,10 @@ class Engine:
         outputs = [self._append_token(scheduled.chunks[i].request, logits[j], argmaxes[j]) for j, i in enumerate(sampled)]
         for item in work:
             row_counts[item.kind] += len(item.sample)
+        seconds = time.perf_counter() - started
+        self.scheduler.note_step(seconds, sum(len(item.sample) for item in work), wants_training)
         if self._warm:  # the first step pays one-time costs (weight packing, page faults): no sample
-            self.scheduler.cost.record(row_counts, time.perf_counter() - started)
+            self.scheduler.cost.record(row_counts, seconds)
         self._warm = True
         return outputs
 

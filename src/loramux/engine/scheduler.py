@@ -27,6 +27,9 @@ class SchedulerConfig:
     step. min_prefill_tokens: prefill progress per step even when the latency budget is spent, so
     waiting requests never starve. min_train_tokens: training's minimum share: each step that
     training wanted rows and got none adds this many rows to its next budget, so it never starves.
+    While requests run, training also spends the time that steps saved under the target (see
+    `note_step`), up to `saved_steps_cap` targets ahead: a TPOT is an average over a request's
+    tokens, so one long step with a training sample is fine after a few short ones.
     idle_train_seconds: the longest a step may take while no request runs (training alone) but one
     arrived within the last `serving_window_seconds`: a request arriving during such a step waits
     that long before its prefill can start. Outside the window (say, a fine-tuning run with no
@@ -44,6 +47,7 @@ class SchedulerConfig:
     idle_train_seconds: float = 0.5
     serving_window_seconds: float = 30.0
     step_time_share: float = 0.8
+    saved_steps_cap: float = 2.0
     default_slo: SLO = field(default_factory=SLO)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,8 @@ class SchedulerConfig:
             raise ValueError("serving_window_seconds must not be negative")
         if not 0 < self.step_time_share <= 1:
             raise ValueError("step_time_share must be in (0, 1]")
+        if self.saved_steps_cap < 0:
+            raise ValueError("saved_steps_cap must not be negative")
 
 
 class StepCostModel:
@@ -138,6 +144,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.cost = StepCostModel()
         self._train_credit = 0
+        self._saved_seconds = 0.0
         self._last_arrival: float | None = None
 
     @property
@@ -170,11 +177,15 @@ class Scheduler:
             self.waiting.remove(request)
         self._free(request)
 
-    def rows_within_target(self, kind: RowKind, beside: Mapping[RowKind, int]) -> int:
+    def step_target(self) -> float:
+        """Seconds a step may take while requests run: a share of their tightest TPOT target."""
+        return self.config.step_time_share * min(r.slo.tpot for r in self.running)
+
+    def rows_within_target(self, kind: RowKind, beside: Mapping[RowKind, int], extra_seconds: float = 0.0) -> int:
         """Rows of `kind` the next step may carry beside `beside` so that it fits the tightest TPOT
-        target of the running requests; while none runs, training rows fit `idle_train_seconds`
-        inside the serving window (up to max_step_tokens in all cases, and while nothing is
-        measured yet)."""
+        target of the running requests (plus `extra_seconds`); while none runs, training rows fit
+        `idle_train_seconds` inside the serving window (up to max_step_tokens in all cases, and
+        while nothing is measured yet)."""
         cfg = self.config
         room = cfg.max_step_tokens - sum(beside.values())
         if not self.running:
@@ -182,20 +193,33 @@ class Scheduler:
                 return room
             target = cfg.idle_train_seconds
         else:
-            target = cfg.step_time_share * min(r.slo.tpot for r in self.running)
+            target = self.step_target() + extra_seconds
         fits = self.cost.max_rows_within(target, kind, beside)
         return room if fits is None else min(fits, room)
 
     def training_budget(self, beside: Mapping[RowKind, int]) -> int:
         """Rows training (TRAIN and EVAL samples) may add to a step that carries `beside`: what is
-        left within the latency target, or the credit training has earned while starved."""
-        return max(self.rows_within_target(RowKind.TRAIN, beside), self._train_credit)
+        left within the latency target and the time earlier steps saved under it, or the credit
+        training has earned while starved."""
+        saved = self._saved_seconds if self.running else 0.0
+        return max(self.rows_within_target(RowKind.TRAIN, beside, saved), self._train_credit)
 
-    def note_training(self, rows_run: int, wanted: bool) -> None:
-        if wanted and rows_run == 0:
+    def note_step(self, seconds: float, train_rows: int, wanted_training: bool) -> None:
+        """After each step: its wall time, the training rows it ran, and whether training wanted rows.
+
+        While training waits and requests run, every step adds (target - its time) to the time
+        training may spend beyond a step's target: short steps save, long ones (with a training
+        sample) pay back; the balance stays within [-1, saved_steps_cap] targets.
+        """
+        if wanted_training and train_rows == 0:
             self._train_credit += self.config.min_train_tokens
         else:
             self._train_credit = 0
+        if wanted_training and self.running:
+            target = self.step_target()
+            self._saved_seconds = min(max(self._saved_seconds + target - seconds, -target), self.config.saved_steps_cap * target)
+        else:
+            self._saved_seconds = 0.0
 
     def schedule(self) -> SchedulerOutput:
         preempted: list[Request] = []
