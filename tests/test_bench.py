@@ -9,14 +9,28 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import pytest
 
+from loramux.bench.machine import _own_cpu_seconds, stop_session
 from loramux.bench.records import RequestRecord, percentile, summarize
 from loramux.bench.workload import Workload, make_requests, training_records
 
 POOL = list(range(1000, 9000))
+
+
+def test_cpu_of_a_servers_unreaped_workers_counts_as_the_runs_own():
+    """A server that starts a busy worker and never waits for it (vLLM's engine process): its CPU
+    time must not make the run look like it shared the machine with other processes."""
+    worker = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", leader], start_new_session=True)
+    time.sleep(1.5)
+    before = _own_cpu_seconds()
+    stop_session(proc, lambda: (proc.terminate(), proc.wait()))
+    assert _own_cpu_seconds() - before >= 0.8  # the worker's busy second or so, though nobody reaped it
 
 
 def test_workload_is_deterministic_and_sized():

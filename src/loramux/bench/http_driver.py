@@ -18,6 +18,8 @@ from typing import Iterator
 
 import httpx
 
+from loramux.bench.machine import stop_session
+
 from loramux.bench.records import RequestRecord
 from loramux.bench.workload import BenchRequest
 
@@ -80,9 +82,13 @@ def server_process(command: list[str], base_url: str, log_path: Path, env: dict[
                 time.sleep(0.5)
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_session(proc, lambda: _stop(proc))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import os
 import platform
+import subprocess
 import time
 from importlib import metadata
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +58,46 @@ def _busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and of the children it has waited for (servers, scenarios)."""
+_unreaped_cpu_seconds = 0.0  # CPU time of helpers' workers that os.times() never sees (see stop_session)
+
+
+def _reaped_children_cpu_seconds() -> float:
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.children_user + t.children_system
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process, of the children it has waited for (servers, scenarios), and of
+    their workers that nobody waited for."""
+    t = os.times()
+    return t.user + t.system + _reaped_children_cpu_seconds() + _unreaped_cpu_seconds
+
+
+def session_cpu_seconds(session: int) -> float:
+    """CPU seconds used so far by the live processes of a session (/proc/PID/stat)."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:  # it ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
+        if int(fields[3]) == session:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def stop_session(leader: subprocess.Popen, stop: Callable[[], None]) -> None:
+    """Runs `stop`, which ends and waits for `leader` (a process started in a session of its own),
+    and counts as this run's own the CPU time of the session's workers that waiting for the leader
+    did not bring into os.times(): vLLM's engine process, for one, is not waited for by its server."""
+    global _unreaped_cpu_seconds
+    session, reaped = session_cpu_seconds(leader.pid), _reaped_children_cpu_seconds()
+    stop()
+    _unreaped_cpu_seconds += max(session - (_reaped_children_cpu_seconds() - reaped), 0.0)
 
 
 class LoadMonitor:

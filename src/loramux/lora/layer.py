@@ -18,9 +18,11 @@ from loramux.lora.ops import LoraWeights, StackedLora, TileWeights, add_lora_gro
 from loramux.lora.segments import LoraSegments
 from loramux.model.prepacked import FrozenLinear
 
-# Below this many segments the per-segment stacked path is faster on CPU: the tiled path gathers
-# each tile's stacked weights (a copy per group per layer). Measured end to end, 16 of 64 adapters
-# in one batch: stacked 151 vs tiled 125 tokens/s in fp32, 176 vs 154 in bf16 (docs/benchmarks.md).
+# Inference rows take the tiled path when every segment is one tile (decode steps), or from this
+# many segments on. Below it, segments of several tiles (prefill chunks) take the per-segment
+# stacked path: the tiled path would copy an adapter's weights once per tile, and its gathered
+# weights change with every prefill layout (measured with per-call gathers, 16 of 64 adapters in
+# one batch: stacked 151 vs tiled 125 tokens/s in fp32, 176 vs 154 in bf16; docs/benchmarks.md).
 TILED_MIN_SEGMENTS = 64
 
 
@@ -57,8 +59,9 @@ class FusedLoraLinear(nn.Module):
     Rows that build graphs join the group's adapters on the fly from their own A and B, so that
     autograd reaches them (`add_lora_group`). Other rows use one stacked copy of all adapters of
     the group (`StackedLora`: A of all projections concatenated, B block-diagonal, scale folded
-    in). Either way each segment costs two matmuls for the whole group; with many segments, the
-    stacked copy serves two batched matmuls for all of them.
+    in). Either way each segment costs two matmuls for the whole group; with one tile per segment
+    or many segments, two batched matmuls serve all of them, against the tiles' weights gathered
+    from the stacked copy and kept while the tiles' slots stay the same.
     """
 
     def __init__(self, in_features: int, outputs: Sequence[tuple[str, int]], bias: bool, layer_idx: int) -> None:
