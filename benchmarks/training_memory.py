@@ -9,7 +9,7 @@ behind). The default model (SmolLM2-135M-Instruct), float32, CPU. Scenarios:
 - ``train``      : 8 TRAIN chunks of 128 tokens for one adapter (LoRA r=16, alpha=32, all linears):
                    ``model(batch)``, then ``Trainer._loss(..., backward=True)`` itself (targets at every
                    row after each sample's first, 8 x 127 = 1016 rows, logits in chunks of
-                   ``LOSS_CHUNK_ROWS`` = 256 rows, one backward through the model).
+                   ``LOSS_CHUNK_ROWS`` rows, one backward through the model).
 - ``infer``      : 32 DECODE rows, each with 128 tokens already in its KV blocks (filled by real
                    prefill steps during setup), plus one PREFILL chunk of 256 new tokens, over 4
                    adapters (8 decode rows each; the prefill chunk on the first), then the logits of

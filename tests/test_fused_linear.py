@@ -18,7 +18,7 @@ IN = 24
 OUTS = (("q_proj", 16), ("k_proj", 8), ("v_proj", 12))
 
 
-def _group(seed: int = 0, dtype=torch.float32):
+def _group(seed: int = 0, dtype=torch.float32, scale_per_projection: bool = False):
     """A fused q/k/v linear with random weights and bias; adapters of differing ranks on differing
     subsets of its projections (slot 3 on none of them, slot 4 only on v); rows of slots 0..4 and
     some base rows. Returns the layer, x, segments, the separate weights and each projection's adapters."""
@@ -36,7 +36,7 @@ def _group(seed: int = 0, dtype=torch.float32):
         for name in names:
             r = ranks[slot]
             w = LoraWeights(A=torch.randn(r, IN, generator=g).to(dtype), B=torch.randn(outs[name], r, generator=g).to(dtype),
-                            scale=0.5 + slot)
+                            scale=0.5 + slot + (0.25 * names.index(name) if scale_per_projection else 0.0))
             adapters[name][slot] = w
             layer.projections[name].set_adapter(slot, w)
     lengths = [5, 1, 7, 3, 2]  # slots 2, 0, 4, 3, 1 in this row order, then 4 base rows
@@ -88,15 +88,16 @@ def test_fused_group_equals_separate_projections_with_their_own_adapters(path, m
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_graph_path_gradients_equal_the_loop_reference(dropout):
-    """The group path (one matmul pair per segment for q/k/v together) gives every adapter's A and B
-    the gradients of the per-projection loop, in float64; with dropout, the same masks (each
+@pytest.mark.parametrize("scale_per_projection", [False, True], ids=["adapter-scale", "projection-scales"])
+def test_graph_path_gradients_equal_the_loop_reference(dropout, scale_per_projection):
+    """The group path (one matmul pair per segment for q/k/v together) gives x and every adapter's A
+    and B the gradients of the per-projection loop, in float64; with dropout, the same masks (each
     adapter's generator draws one mask per projection, in projection order, either way)."""
-    _, x, seg, _, adapters = _group()
-    x = x.double()
+    _, x0, seg, _, adapters = _group(scale_per_projection=scale_per_projection)
     W = torch.randn(sum(out for _, out in OUTS), IN, dtype=torch.float64)
 
     def run(group: bool) -> tuple[torch.Tensor, dict]:
+        x = x0.double().requires_grad_()
         leaves = {}
         for name, per_slot in adapters.items():
             for slot, w in per_slot.items():
@@ -110,7 +111,7 @@ def test_graph_path_gradients_equal_the_loop_reference(dropout):
             y = torch.cat([add_lora_loop(part.clone(), x, seg, weights, training=True)
                            for part, weights in zip((x @ W.T).split([out for _, out in OUTS], dim=-1), per_projection)], dim=-1)
         (y.sin().sum()).backward()
-        return y, {k: (w.A.grad, w.B.grad) for k, w in leaves.items()}
+        return y, {k: (w.A.grad, w.B.grad) for k, w in leaves.items()} | {"x": (x.grad, x.grad)}
 
     y_group, grads_group = run(True)
     y_loop, grads_loop = run(False)

@@ -126,3 +126,18 @@ def test_default_model_logits_match_transformers(default_engine, default_hf):
         rows = batch.chunk_rows[i]
         diff = (logits[rows.start : rows.stop] - _hf_logits(default_hf, s)).abs().max().item()
         assert diff <= 1e-4, f"prompt {prompts[i]!r} differs by {diff}"
+
+
+def test_silu_and_mul_gradients_equal_autograds():
+    from loramux.model.llama import SiluAndMul
+
+    g = torch.Generator().manual_seed(0)
+    gate = (3 * torch.randn(6, 10, generator=g, dtype=torch.float64)).requires_grad_()
+    up = torch.randn(6, 10, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(SiluAndMul.apply, (gate, up))
+    out = SiluAndMul.apply(gate, up)
+    ref = torch.nn.functional.silu(gate) * up
+    assert torch.allclose(out, ref)
+    w = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad((out * w).sum(), (gate, up)),
+                                                    torch.autograd.grad((ref * w).sum(), (gate, up))))

@@ -139,20 +139,29 @@ def add_lora_group(
     backward of an in-place add into rows of y copies y's whole gradient, for every group of every
     layer (with freshly allocated, page-faulting memory, 11% of a training step).
     """
+    # x split into views, one per segment or gap: the backward of a split is one cat, where that of
+    # each slice x[start:end] would zero-fill a gradient the size of all of x
+    cuts = sorted({0, x.shape[0], *(b for start, end, _ in segments.segments for b in (start, end))})
+    views = dict(zip(cuts, x.split([b - a for a, b in zip(cuts, cuts[1:])])))
     pieces: list[torch.Tensor] = []
     done = 0  # rows [0, done) have their piece
     for start, end, slot in segments.segments:
         ws = [weights.get(slot) for weights in projections]
-        if all(w is None for w in ws):
+        present = [w for w in ws if w is not None]
+        if not present:
             continue
-        xs = x[start:end]
-        if training and any(w is not None and w.dropout > 0 for w in ws):
+        xs = views[start]
+        if training and any(w.dropout > 0 for w in present):
             delta = torch.cat([xs.new_zeros(end - start, size) if w is None else _lora_delta(xs, w, training)
                                for w, size in zip(ws, sizes)], dim=-1)
         else:
-            A = torch.cat([w.A for w in ws if w is not None])
-            B = torch.block_diag(*(w.scale * w.B if w is not None else xs.new_zeros(size, 0) for w, size in zip(ws, sizes)))
-            delta = (xs @ A.T) @ B.T
+            # one adapter's projections share a scale: applied to h [n, R], not to every B
+            scale = present[0].scale if len({w.scale for w in present}) == 1 else None
+            A = torch.cat([w.A for w in present])
+            B = torch.block_diag(*(xs.new_zeros(size, 0) if w is None else w.B if scale is not None else w.scale * w.B
+                                   for w, size in zip(ws, sizes)))
+            h = xs @ A.T
+            delta = (h if scale is None else h * scale) @ B.T
         if start > done:
             pieces.append(delta.new_zeros(start - done, y.shape[1]))
         pieces.append(delta)

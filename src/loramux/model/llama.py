@@ -143,7 +143,26 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(ctx.linear(self.gate_up_proj, x))
-        return ctx.linear(self.down_proj, F.silu(gate) * up)
+        hidden = SiluAndMul.apply(gate, up) if torch.is_grad_enabled() else F.silu(gate) * up
+        return ctx.linear(self.down_proj, hidden)
+
+
+class SiluAndMul(torch.autograd.Function):
+    """silu(gate) * up that saves only gate and up for backward and recomputes silu there; autograd
+    through F.silu and * would also keep silu(gate), one more [rows, intermediate] per layer."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        # d silu / d gate = sig * (1 + gate * (1 - sig)) = sig + silu * (1 - sig)
+        return grad * up * (sig + silu * (1 - sig)), grad * silu
 
 
 class DecoderLayer(nn.Module):

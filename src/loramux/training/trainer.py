@@ -17,7 +17,7 @@ from loramux.engine.batch import RowKind
 from loramux.model.llama import LlamaModel
 from loramux.training.job import TrainingJob, WorkItem
 
-LOSS_CHUNK_ROWS = 256
+LOSS_CHUNK_ROWS = 128
 
 
 class Trainer:
