@@ -4,8 +4,8 @@
 every call. `FrozenLinear` does that once and keeps the packed copy for rows that build no graph
 (inference rows, evaluation rows); rows that build graphs use `F.linear` on the plain weight, which
 autograd needs. Results are the same as `F.linear`'s; the cost is a second copy of the weights.
-Measured on this machine's SmolLM2-135M linears (docs/benchmarks.md, "Pre-packed bf16 weights"):
-decode steps of 1 row 40.1 -> 32.4 ms, of 32 rows 83.7 -> 77.3 ms.
+Measured with the default model and 4 adapters (benchmarks/prepacked_weights.py, docs/benchmarks.md):
+bf16 decode steps of 1 row 37.3 -> 31.2 ms, of 32 rows 75.7 -> 69.0 ms.
 
 The packed copy is rebuilt if the weight or bias changes in place (their version counters move).
 Other dtypes and devices, and empty inputs, go to `F.linear`.

@@ -1,0 +1,46 @@
+"""Where a decode step spends its time: torch.profiler over the engine the bench builds.
+
+The default model with the bench's adapters (rank 16, all linears), `rows` requests (64-token
+prompts, spread over `adapters` adapters; 0: the bare base model) decoding together. Prints the
+median step time over 10 steps, then the top ops by self CPU time over 5 profiled steps.
+
+    .venv/bin/python benchmarks/profile_decode_step.py bfloat16 32 4
+    .venv/bin/python benchmarks/profile_decode_step.py float32 1 4
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+from torch.profiler import ProfilerActivity, profile
+
+from loramux.bench.options import BenchOptions, add_bench_adapters, load_engine
+from loramux.engine.sampling import SamplingParams
+
+
+def main(dtype: str = "bfloat16", rows: int = 32, adapters: int = 4) -> None:
+    options = BenchOptions(setting="inference", out_dir="/tmp", dtype=dtype)
+    engine = load_engine(options)
+    add_bench_adapters(engine, options.workload)
+    names = options.workload.adapter_names[:adapters]
+    for i in range(rows):
+        engine.add_request(list(range(100, 164)), names[i % len(names)] if names else None,
+                           SamplingParams(max_tokens=200, ignore_eos=True))
+    for _ in range(8):  # prefill, then decode steps until kernels and caches are warm
+        engine.step()
+    seconds = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        engine.step()
+        seconds.append(time.perf_counter() - t0)
+    print(f"{dtype}, {rows} rows, {adapters} adapters: {1e3 * statistics.median(seconds):.1f} ms per decode step", flush=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            engine.step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "bfloat16", *(int(a) for a in sys.argv[2:4]))
