@@ -159,6 +159,34 @@ def test_layer_regathers_tile_weights_when_the_layout_changes():
             assert (got - add_lora_loop(x @ W.T, x, seg, weights)).abs().max().item() <= 1e-4
 
 
+def test_layer_rewrites_only_what_changed_in_its_stack():
+    """After an in-place update or a removal the stack is updated where it stands (the same tensors,
+    equal to a fresh build); an adapter past its slots makes a new one."""
+    _, _, _, weights = _setup("uniform", (4, 8))
+    layer = MultiLoraLinear(IN, OUT, bias=False, name="q_proj", layer_idx=0)
+    for slot, w in weights.items():
+        layer.set_adapter(slot, w)
+
+    def assert_fresh(stacked):
+        fresh = StackedLora.build(layer.adapters, IN, OUT)
+        n = fresh.A_t.shape[0]
+        assert torch.equal(stacked.A_t[:n], fresh.A_t) and torch.equal(stacked.B_t[:n], fresh.B_t)
+        assert not stacked.A_t[n:].any() and not stacked.B_t[n:].any()
+
+    first = layer.stacked(weights_version=0)
+    with torch.no_grad():
+        weights[5].B.mul_(2)  # what an optimizer step does
+    assert layer.stacked(weights_version=1) is first
+    assert_fresh(first)
+    layer.remove_adapter(2)
+    assert layer.stacked(weights_version=2) is first and not first.A_t[2].any()
+    assert_fresh(first)
+    layer.set_adapter(20, weights[5])
+    grown = layer.stacked(weights_version=3)
+    assert grown is not first and grown.A_t.shape[0] == 21
+    assert_fresh(grown)
+
+
 def test_segments_reject_an_adapter_in_two_segments():
     with pytest.raises(ValueError, match="contiguous"):
         LoraSegments.from_segments(10, [(0, 3, 1), (3, 5, 2), (5, 8, 1)])

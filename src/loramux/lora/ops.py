@@ -22,7 +22,7 @@ The last two are for inference rows only (the stacked copy is not a leaf of the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Mapping, Sequence
+from typing import Collection, Iterable, Mapping, Sequence
 
 import torch
 
@@ -49,8 +49,9 @@ class StackedLora:
     """All adapters of one linear (or of a fused group of projections sharing one input, see
     `build_fused`) stacked by slot, padded to the largest rank, scale folded into B.
 
-    A_t: [num_slots, in, max_rank]   (A transposed, zero columns past each adapter's rank)
-    B_t: [num_slots, max_rank, out]  (scale * B transposed, zero rows past each adapter's rank)
+    A_t: [num_slots, in, sum(ranks)]    (A transposed, zero columns past each adapter's rank)
+    B_t: [num_slots, sum(ranks), out]   (scale * B transposed, zero rows past each adapter's rank)
+    ranks: the rank columns each projection has (at least its largest adapter's rank).
     Slots without an adapter on this linear are all zeros. Kept in float32 at least: for bf16
     models the deltas are computed in float32 and rounded once when added (on CPU, small bf16
     matmuls cost about twice their float32 counterparts, and the result is closer to exact).
@@ -58,6 +59,7 @@ class StackedLora:
 
     A_t: torch.Tensor
     B_t: torch.Tensor
+    ranks: tuple[int, ...]
 
     @classmethod
     def build(cls, weights: Mapping[int, LoraWeights], in_features: int, out_features: int) -> StackedLora:
@@ -73,23 +75,44 @@ class StackedLora:
         B_t[slot] = blockdiag(s B_0.T, s B_1.T, ...) [sum of max ranks, sum of out_features]
         """
         any_w = next(w for weights, _ in projections for w in weights.values())
-        num_slots = max(slot for weights, _ in projections for slot in weights) + 1
-        ranks = [max((w.rank for w in weights.values()), default=0) for weights, _ in projections]
+        num_slots, ranks = _layout(projections)
         kw = dict(dtype=torch.promote_types(any_w.A.dtype, torch.float32), device=any_w.A.device)
-        A_t = torch.zeros(num_slots, in_features, sum(ranks), **kw)
-        B_t = torch.zeros(num_slots, sum(ranks), sum(out for _, out in projections), **kw)
-        r0 = c0 = 0
+        with torch.inference_mode(False):  # normal tensors: `write` updates them in place in any mode
+            stacked = cls(torch.zeros(num_slots, in_features, sum(ranks), **kw),
+                          torch.zeros(num_slots, sum(ranks), sum(out for _, out in projections), **kw), ranks)
+        stacked.write(projections, range(num_slots))
+        return stacked
+
+    def fits(self, projections: Sequence[tuple[Mapping[int, LoraWeights], int]]) -> bool:
+        """Whether the projections' adapters fit this stack's slots and rank columns."""
+        num_slots, ranks = _layout(projections)
+        return num_slots <= self.A_t.shape[0] and all(r <= have for r, have in zip(ranks, self.ranks))
+
+    def write(self, projections: Sequence[tuple[Mapping[int, LoraWeights], int]], slots: Iterable[int]) -> None:
+        """Rewrites the rows of `slots` from the projections' adapters (zeros where a slot has none)."""
+        slots = list(slots)
         with torch.no_grad():
-            for (weights, out), rank in zip(projections, ranks):
-                for slot, w in weights.items():
-                    A_t[slot, :, r0 : r0 + w.rank] = w.A.T
-                    B_t[slot, r0 : r0 + w.rank, c0 : c0 + out] = w.scale * w.B.T
+            for slot in slots:
+                self.A_t[slot].zero_()
+                self.B_t[slot].zero_()
+            r0 = c0 = 0
+            for (weights, out), rank in zip(projections, self.ranks):
+                for slot in slots:
+                    w = weights.get(slot)
+                    if w is not None:
+                        self.A_t[slot, :, r0 : r0 + w.rank] = w.A.T
+                        self.B_t[slot, r0 : r0 + w.rank, c0 : c0 + out] = w.scale * w.B.T
                 r0, c0 = r0 + rank, c0 + out
-        return cls(A_t, B_t)
 
     def tiles(self, segments: LoraSegments) -> TileWeights:
         """Every tile's weights, gathered (copied) by its slot."""
         return TileWeights(self.A_t[segments.tile_slots], self.B_t[segments.tile_slots])
+
+
+def _layout(projections: Sequence[tuple[Mapping[int, LoraWeights], int]]) -> tuple[int, tuple[int, ...]]:
+    """(slots needed, each projection's largest rank) for these adapters."""
+    num_slots = max((slot + 1 for weights, _ in projections for slot in weights), default=0)
+    return num_slots, tuple(max((w.rank for w in weights.values()), default=0) for weights, _ in projections)
 
 
 @dataclass(frozen=True)
