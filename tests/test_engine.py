@@ -112,14 +112,20 @@ def test_greedy_tokens_match_transformers_peft(make_engine, tmp_path):
         assert out.token_ids == expected[0, ids.shape[1]:].tolist(), (prompt, adapter)
 
 
-def test_the_first_step_is_not_a_sample_of_step_cost(make_engine):
-    """It pays one-time costs (page faults, packing, kernel choice) that later steps do not."""
+def test_steps_that_pay_one_time_costs_are_not_samples_of_step_cost(make_engine):
+    """The first step, and the first after the adapters changed (their stacks are rebuilt), pay
+    costs that later steps do not."""
     engine = make_engine(adapters=False)
-    engine.add_request([1, 2, 3, 4], None, SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.add_request([1, 2, 3, 4], None, SamplingParams(max_tokens=8, ignore_eos=True))
     engine.step()
     assert len(engine.scheduler.cost.samples) == 0
     engine.step()
     assert len(engine.scheduler.cost.samples) == 1
+    engine.create_adapter("late", LoraConfig(r=4, target_modules=("q_proj",)), seed=0, init_b="random")
+    engine.step()
+    assert len(engine.scheduler.cost.samples) == 1
+    engine.step()
+    assert len(engine.scheduler.cost.samples) == 2
 
 
 def test_preempted_requests_recompute_to_the_same_output(make_engine):
