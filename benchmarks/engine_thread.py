@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from loramux.bench.machine import proc_stat
 from loramux.bench.options import BenchOptions, add_bench_adapters, load_engine
 from loramux.bench.workload import make_requests, prompt_token_pool
 from loramux.engine.sampling import SamplingParams
@@ -36,12 +37,7 @@ from loramux.engine.sampling import SamplingParams
 
 def thread_cpu() -> dict[str, float]:
     """CPU seconds (user + system) of each thread of this process, by thread id."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
-        out[tid] = (int(fields[11]) + int(fields[12])) / ticks
-    return out
+    return {tid: proc_stat(f"/proc/self/task/{tid}/stat")[1] for tid in os.listdir("/proc/self/task")}
 
 
 class Workload:

@@ -17,19 +17,11 @@ import argparse
 import statistics
 import time
 
-from loramux.bench.options import BenchOptions, add_bench_adapters, load_engine
-from loramux.engine.sampling import SamplingParams
+from decoding import decoding_engine
 
 
 def step_times(dtype: str, rows: int, rounds: int) -> dict[bool, float]:
-    options = BenchOptions(setting="inference", out_dir="/tmp", dtype=dtype)
-    engine = load_engine(options)
-    add_bench_adapters(engine, options.workload)
-    names = options.workload.adapter_names
-    for i in range(rows):
-        engine.add_request(list(range(100, 164)), names[i % len(names)], SamplingParams(max_tokens=4000, ignore_eos=True))
-    for _ in range(4):  # prefill and a few decode steps
-        engine.step()
+    engine = decoding_engine(dtype, rows, warm_steps=4)
     seconds: dict[bool, list[float]] = {False: [], True: []}
     for r in range(rounds):
         for packed in (True, False) if r % 2 else (False, True):

@@ -16,20 +16,11 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from loramux.bench.options import BenchOptions, add_bench_adapters, load_engine
-from loramux.engine.sampling import SamplingParams
+from decoding import decoding_engine
 
 
 def main(dtype: str = "bfloat16", rows: int = 32, adapters: int = 4) -> None:
-    options = BenchOptions(setting="inference", out_dir="/tmp", dtype=dtype)
-    engine = load_engine(options)
-    add_bench_adapters(engine, options.workload)
-    names = options.workload.adapter_names[:adapters]
-    for i in range(rows):
-        engine.add_request(list(range(100, 164)), names[i % len(names)] if names else None,
-                           SamplingParams(max_tokens=200, ignore_eos=True))
-    for _ in range(8):  # prefill, then decode steps until kernels and caches are warm
-        engine.step()
+    engine = decoding_engine(dtype, rows, adapters)
     seconds = []
     for _ in range(10):
         t0 = time.perf_counter()

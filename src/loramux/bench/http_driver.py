@@ -19,7 +19,6 @@ from typing import Iterator
 import httpx
 
 from loramux.bench.machine import stop_session
-
 from loramux.bench.records import RequestRecord
 from loramux.bench.workload import BenchRequest
 

@@ -70,24 +70,29 @@ def _own_cpu_seconds() -> float:
     """CPU seconds of this process, of the children it has waited for (servers, scenarios), and of
     their workers that nobody waited for."""
     t = os.times()
-    return t.user + t.system + _reaped_children_cpu_seconds() + _unreaped_cpu_seconds
+    return t.user + t.system + t.children_user + t.children_system + _unreaped_cpu_seconds
+
+
+def proc_stat(path: str) -> tuple[int, float]:
+    """(session id, CPU seconds so far) of the process or thread whose /proc stat file is `path`."""
+    with open(path) as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on: the name may hold spaces
+    return int(fields[3]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def session_cpu_seconds(session: int) -> float:
-    """CPU seconds used so far by the live processes of a session (/proc/PID/stat)."""
-    ticks = 0
+    """CPU seconds used so far by the live processes of a session."""
+    total = 0.0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
+            sid, seconds = proc_stat(f"/proc/{entry.name}/stat")
         except OSError:  # it ended meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on
-        if int(fields[3]) == session:
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+        total += seconds if sid == session else 0.0
+    return total
 
 
 def stop_session(leader: subprocess.Popen, stop: Callable[[], None]) -> None:

@@ -116,9 +116,13 @@ class Engine:
     # --- adapters -------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | os.PathLike) -> LoraAdapter:
         """Loads a PEFT LoRA directory under `name`; refused adapters leave nothing behind."""
-        adapter = load_peft_adapter(path, self.model.config, name, dtype=self.model.dtype, device=self.model.device)
+        adapter = self.read_adapter(name, path)
         self.adapters.add(adapter)
         return adapter
+
+    def read_adapter(self, name: str, path: str | os.PathLike) -> LoraAdapter:
+        """A PEFT LoRA directory read and checked against this engine's model, not yet registered."""
+        return load_peft_adapter(path, self.model.config, name, dtype=self.model.dtype, device=self.model.device)
 
     def create_adapter(self, name: str, config: LoraConfig, *, seed: int = 0, init_b: str = "zeros") -> LoraAdapter:
         """A new adapter initialised as PEFT does (B = 0 unless init_b="random")."""

@@ -201,8 +201,7 @@ class Scheduler:
         """Rows training (TRAIN and EVAL samples) may add to a step that carries `beside`: what is
         left within the latency target and the time earlier steps saved under it, or the credit
         training has earned while starved."""
-        saved = self._saved_seconds if self.running else 0.0
-        return max(self.rows_within_target(RowKind.TRAIN, beside, saved), self._train_credit)
+        return max(self.rows_within_target(RowKind.TRAIN, beside, self._saved_seconds), self._train_credit)
 
     def note_step(self, seconds: float, train_rows: int, wanted_training: bool) -> None:
         """After each step: its wall time, the training rows it ran, and whether training wanted rows.

@@ -23,10 +23,10 @@ class LoraSegments:
     mean segment length.
     tile_rows:  [n_tiles, tile] long, row index of each tile position; padding positions repeat the
                 tile's first row (so gathers stay in bounds) and are left out by `valid`.
-    tile_slots: [n_tiles] long, the adapter slot of each tile; `tile_slot_key` the same as a tuple.
+    tile_slots: [n_tiles] long, the adapter slot of each tile; `tile_slot_key` the same as a tuple,
+                made once per step: every layer compares it with the tiles its kept weights are for.
     valid:      [n_valid] long, flat positions of tile_rows that hold real rows.
     valid_rows: [n_valid] long, tile_rows.flatten()[valid].
-    one_tile_per_segment: no slot repeats in tile_slots (its stacked weights are gathered once).
     dense:      tile_rows is every row of the batch, in order, without padding (x needs no gather).
     """
 
@@ -39,8 +39,12 @@ class LoraSegments:
     valid_rows: torch.Tensor
     slots: frozenset[int]
     tile_slot_key: tuple[int, ...]
-    one_tile_per_segment: bool
     dense: bool
+
+    @property
+    def one_tile_per_segment(self) -> bool:
+        """No slot repeats in tile_slots (each adapter's stacked weights are gathered once)."""
+        return len(self.tile_slot_key) == len(self.segments)
 
     @classmethod
     def from_spans(
@@ -97,6 +101,5 @@ class LoraSegments:
             valid_rows=flat[valid].to(device),
             slots=frozenset(slots),
             tile_slot_key=tuple(tile_slots),
-            one_tile_per_segment=len(tile_slots) == len(segments),
             dense=all(is_real) and flat.tolist() == list(range(num_rows)),
         )

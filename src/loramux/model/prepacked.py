@@ -18,15 +18,12 @@ import torch.nn.functional as F
 
 # oneDNN picks its blocking from a typical row count; any row count gives the same result.
 ROWS_HINT = 32
+# Whether this torch build can pack at all: asked once, not on every GEMM of every step.
+_ONEDNN_PACKING = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return _ONEDNN_PACKING and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
 
 
 class FrozenLinear:

@@ -377,7 +377,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
         if resident.known(body.lora_name) or body.lora_name == engine.model_name:
             raise APIError(400, f"a model named {body.lora_name!r} is already loaded", param="lora_name")
         try:  # read and registered between two steps, on the engine's thread (torch runs nowhere else)
-            await loop.call(lambda e: (resident.make_room(1), e.load_adapter(body.lora_name, real)))
+            await loop.call(lambda e: resident.add(body.lora_name, real))
         except AdapterError as e:
             raise APIError(400, str(e), param="lora_path") from None
         store.put_adapter(body.lora_name, {"path": str(real), "source": "loaded", "pinned": body.pinned})

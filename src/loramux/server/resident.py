@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from pathlib import Path
 
 from loramux.engine.engine import Engine
-from loramux.lora.peft_io import load_peft_adapter
 from loramux.server.protocol import APIError
 from loramux.server.store import Store
 
@@ -52,14 +52,17 @@ class ResidentAdapters:
 
     def _admit(self, name: str, path: str) -> None:
         """Engine thread: reserves `name`, reading it from `path` first unless a request since made
-        it resident; read before making room, so that a refused adapter evicts nothing."""
-        if self._reserve_if_resident(name):
-            return
-        adapter = load_peft_adapter(path, self.engine.model.config, name, dtype=self.engine.model.dtype,
-                                    device=self.engine.model.device)
+        it resident."""
+        if not self._reserve_if_resident(name):
+            self.add(name, path)
+            self._reserved[name] += 1
+
+    def add(self, name: str, path: str | Path) -> None:
+        """Engine thread: reads the adapter at `path` and registers it as `name`, evicting idle
+        adapters if the limit needs it; read first, so that a refused adapter evicts nothing."""
+        adapter = self.engine.read_adapter(name, path)
         self.make_room(1)
         self.engine.adapters.add(adapter)
-        self._reserved[name] += 1
 
     def make_room(self, extra: int) -> None:
         """Evicts idle adapters until `extra` more fit under the limit (engine thread)."""
