@@ -14,6 +14,8 @@ only the rows the caller needs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,7 @@ from loramux.engine.batch import Batch, BatchPart
 from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.layer import FusedLoraLinear, LoraProjection, MultiLoraLinear
 from loramux.model.prepacked import FrozenLinear
+from loramux.model.recompute import recomputed
 from loramux.model.rope import apply_rotary, inverse_frequencies, rotary_tables
 
 
@@ -96,17 +99,27 @@ class Attention(nn.Module):
             ctx.kv.write(self.layer_idx, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
         if plan.decodes_all_rows:  # a pure decode step: no scatter into a separate output
             return ctx.linear(self.o_proj, self._decode(q, ctx).reshape(T, -1))
-        out = q.new_empty(T, self.num_heads, self.head_dim)
+        pieces = []  # (rows, their attention output [rows, heads, D])
         if plan.decode_rows.numel():
-            out[plan.decode_rows] = self._decode(q[plan.decode_rows], ctx)
+            pieces.append((plan.decode_rows, self._decode(q[plan.decode_rows], ctx)))
         for span in plan.spans:
             rows = slice(span.start, span.end)
             if span.context_slots is None:
                 ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
             else:
                 ks, vs = (t.transpose(0, 1) for t in ctx.kv.gather(self.layer_idx, span.context_slots))
-            out[rows] = _causal_attention(q[rows].transpose(0, 1), ks, vs, span.start_pos).transpose(0, 1)
-        return ctx.linear(self.o_proj, out.reshape(T, -1))
+            pieces.append((rows, _causal_attention(q[rows].transpose(0, 1), ks, vs, span.start_pos).transpose(0, 1)))
+
+        def gathered() -> torch.Tensor:
+            out = q.new_empty(T, self.num_heads, self.head_dim)
+            for rows, piece in pieces:
+                out[rows] = piece
+            return out.reshape(T, -1)
+
+        # the pieces are kept for attention's backward anyway: o_proj's adapters get their copy again
+        out = gathered()
+        with recomputed(out, gathered):
+            return ctx.linear(self.o_proj, out)
 
     def _decode(self, q: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """q [B, heads, D] of the decode rows -> [B, heads, D], each over its sequence's cached
@@ -143,8 +156,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(ctx.linear(self.gate_up_proj, x))
-        hidden = SiluAndMul.apply(gate, up) if torch.is_grad_enabled() else F.silu(gate) * up
-        return ctx.linear(self.down_proj, hidden)
+        if not torch.is_grad_enabled():
+            return ctx.linear(self.down_proj, F.silu(gate) * up)
+        hidden = SiluAndMul.apply(gate, up)
+        with recomputed(hidden, lambda: F.silu(gate) * up):  # gate and up are kept for SiluAndMul
+            return ctx.linear(self.down_proj, hidden)
 
 
 class SiluAndMul(torch.autograd.Function):
@@ -174,8 +190,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, layer_idx)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+        x = x + _after_norm(self.input_layernorm, x, lambda normed: self.self_attn(normed, ctx))
+        return x + _after_norm(self.post_attention_layernorm, x, lambda normed: self.mlp(normed, ctx))
+
+
+def _after_norm(norm: RMSNorm, x: torch.Tensor, block: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """block(norm(x)); backward makes norm(x) again from x (which the norm's backward keeps anyway)
+    instead of keeping it for the adapters' gradients."""
+    normed = norm(x)
+    with recomputed(normed, lambda: norm(x)):
+        return block(normed)
 
 
 class Decoder(nn.Module):

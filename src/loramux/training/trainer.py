@@ -17,7 +17,10 @@ from loramux.engine.batch import RowKind
 from loramux.model.llama import LlamaModel
 from loramux.training.job import TrainingJob, WorkItem
 
-LOSS_CHUNK_ROWS = 128
+# Logits and loss of this many target rows at a time ([rows, vocab] logits, their log-softmax and
+# gradient live at once). Measured with two jobs on the default model: 128 -> 64 rows lowers the
+# step's peak by about 90 MB at the same speed; 32 lowers it no further.
+LOSS_CHUNK_ROWS = 64
 
 
 class Trainer:

@@ -1,0 +1,56 @@
+"""Activations that backward recomputes instead of keeping.
+
+A LoRA adapter's gradient needs each linear's input (dA = dh^T x), so autograd keeps every
+input of every adapted linear for the whole backward. Some of them are cheap to make again from
+tensors that are kept anyway: a normalized hidden state from the norm's input (which the norm's own
+backward keeps), the MLP's silu(gate) * up from gate and up (which its backward keeps). Inside
+`recomputed(tensor, recompute)`, whatever autograd would save of `tensor` (the tensor or any view
+of it) is stored as where the view lies; backward calls `recompute()` and takes the same view of
+its result. With the default model this keeps 3 of the 9 hidden-sized rows of activations per
+token and layer out of memory (docs/benchmarks.md, fine-tuning).
+
+Other saved tensors pass to the hooks around the block, if any (so a census of saved tensors
+sees what is really kept), or are kept as they are.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+
+class _View:
+    """Where a saved view lies in the recomputed tensor: size, stride, offset from its start."""
+
+    __slots__ = ("size", "stride", "offset")
+
+    def __init__(self, t: torch.Tensor, base_offset: int) -> None:
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset() - base_offset
+
+
+@contextmanager
+def recomputed(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> Iterator[None]:
+    """Autograd in the block saves no memory of `tensor`. `recompute()` must give the same values
+    in the same layout (it runs without autograd, during backward, once per saved view)."""
+    if not torch.is_grad_enabled():
+        yield
+        return
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    storage, base_offset = tensor.untyped_storage().data_ptr(), tensor.storage_offset()
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() == storage:
+            return _View(t, base_offset)
+        return outer[0](t) if outer else t.detach()  # detached: no cycle through t's grad_fn
+
+    def unpack(packed) -> torch.Tensor:
+        if isinstance(packed, _View):
+            with torch.no_grad():
+                full = recompute()
+            return full.as_strided(packed.size, packed.stride, full.storage_offset() + packed.offset)
+        return outer[1](packed) if outer else packed
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
