@@ -137,7 +137,7 @@ def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
     """Within the serving window, a step of training rows with no request running may take
     idle_train_seconds (by the fitted costs), not max_step_tokens rows; with requests running the
     TPOT target bounds it instead."""
-    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5)
+    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, step_time_share=0.8)
     _fitted_training_costs(s)
     r = _request(0, prompt_len=4)
     s.add(r)
@@ -148,7 +148,7 @@ def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
 
 
 def test_training_spends_the_time_short_steps_saved_and_long_steps_pay_it_back():
-    s = _scheduler(max_step_tokens=4096, saved_steps_cap=2.0, min_train_tokens=1)  # (the rows credit stays small)
+    s = _scheduler(max_step_tokens=4096, saved_steps_cap=2.0, step_time_share=0.8, min_train_tokens=1)  # (the rows credit stays small)
     _fitted_training_costs(s)
     r = _request(0, prompt_len=4)
     s.add(r)

@@ -36,7 +36,10 @@ class SchedulerConfig:
     traffic) training steps are bounded by max_step_tokens alone, so the split of an optimizer
     batch over steps does not depend on measured timings (a resumed run repeats it exactly).
     step_time_share: the share of the tightest TPOT target a step may
-    take (the rest is headroom for sampling, streaming and noise)."""
+    take (the rest is headroom for sampling, streaming and noise). With a fine-tuning job and 1-3
+    req/s (`loramux bench unified`), 0.8 and 2 targets saved gave the job 46-48% of its solo speed
+    at TPOT p90 206-221 ms; 0.9 and 4 give it 51-55% at 229-237 ms, 97-100% of requests within
+    both targets (docs/benchmarks.md)."""
 
     max_step_tokens: int = 512
     max_running: int = 64
@@ -46,8 +49,8 @@ class SchedulerConfig:
     min_train_tokens: int = 32
     idle_train_seconds: float = 0.5
     serving_window_seconds: float = 30.0
-    step_time_share: float = 0.8
-    saved_steps_cap: float = 2.0
+    step_time_share: float = 0.9
+    saved_steps_cap: float = 4.0
     default_slo: SLO = field(default_factory=SLO)
 
     def __post_init__(self) -> None:
