@@ -10,21 +10,7 @@ import torch
 
 from conftest import make_tiny_hf, ours_from_hf
 from loramux.model.recompute import recomputed
-from test_gradient_isolation import _samples, _train_loss, _with_adapters
-
-
-def _saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves while fn runs (an outer census hook)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
+from test_gradient_isolation import _samples, _saved_bytes, _train_loss, _with_adapters
 
 
 def test_views_of_the_tensor_are_recomputed_and_not_kept():

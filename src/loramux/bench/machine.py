@@ -91,7 +91,8 @@ def session_cpu_seconds(session: int) -> float:
             sid, seconds = proc_stat(f"/proc/{entry.name}/stat")
         except OSError:  # it ended meanwhile
             continue
-        total += seconds if sid == session else 0.0
+        if sid == session:
+            total += seconds
     return total
 
 

@@ -156,9 +156,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(ctx.linear(self.gate_up_proj, x))
-        if not torch.is_grad_enabled():
-            return ctx.linear(self.down_proj, F.silu(gate) * up)
-        hidden = SiluAndMul.apply(gate, up)
+        hidden = SiluAndMul.apply(gate, up) if torch.is_grad_enabled() else F.silu(gate) * up
         with recomputed(hidden, lambda: F.silu(gate) * up):  # gate and up are kept for SiluAndMul
             return ctx.linear(self.down_proj, hidden)
 

@@ -17,10 +17,12 @@ sees what is really kept), or are kept as they are.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable
 
 import torch
+
+_NOTHING = nullcontext()  # without autograd nothing is saved: no hooks (per layer of every step)
 
 
 class _View:
@@ -32,13 +34,11 @@ class _View:
         self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset() - base_offset
 
 
-@contextmanager
-def recomputed(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> Iterator[None]:
-    """Autograd in the block saves no memory of `tensor`. `recompute()` must give the same values
-    in the same layout (it runs without autograd, during backward, once per saved view)."""
+def recomputed(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> AbstractContextManager:
+    """A context in which autograd saves no memory of `tensor`. `recompute()` must give the same
+    values in the same layout (it runs without autograd, during backward, once per saved view)."""
     if not torch.is_grad_enabled():
-        yield
-        return
+        return _NOTHING
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     storage, base_offset = tensor.untyped_storage().data_ptr(), tensor.storage_offset()
 
@@ -54,5 +54,4 @@ def recomputed(tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]) -> I
             return full.as_strided(packed.size, packed.stride, full.storage_offset() + packed.offset)
         return outer[1](packed) if outer else packed
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
