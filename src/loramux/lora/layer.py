@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from loramux.lora import native
+from loramux.lora.native import add_lora_native
 from loramux.lora.ops import LoraWeights, StackedLora, TileWeights, add_lora_group, add_lora_stacked, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 from loramux.model.prepacked import FrozenLinear
@@ -60,8 +62,9 @@ class FusedLoraLinear(nn.Module):
     autograd reaches them (`add_lora_group`). Other rows use one stacked copy of all adapters of
     the group (`StackedLora`: A of all projections concatenated, B block-diagonal, scale folded
     in). Either way each segment costs two matmuls for the whole group; with one tile per segment
-    or many segments, two batched matmuls serve all of them, against the tiles' weights gathered
-    from the stacked copy and kept while the tiles' slots stay the same.
+    or many segments, two batched matmuls serve all of them (on CPUs with AVX-512, one call of the
+    native kernel, `lora/native`), against the tiles' weights gathered from the stacked copy and
+    kept while the tiles' slots stay the same.
     """
 
     def __init__(self, in_features: int, outputs: Sequence[tuple[str, int]], bias: bool, layer_idx: int) -> None:
@@ -110,12 +113,13 @@ class FusedLoraLinear(nn.Module):
         self._stacked_from, self._stacked_version = sources, weights_version
         return self._stacked
 
-    def tiles(self, segments: LoraSegments, weights_version: int) -> TileWeights:
-        """Each tile's stacked weights, kept for the next step: from one decode step to the next the
-        tiles' slots rarely change, and gathering them costs more than the two batched matmuls."""
-        key = (weights_version, segments.tile_slot_key)
+    def tiles(self, segments: LoraSegments, weights_version: int, dtype: torch.dtype | None = None) -> TileWeights:
+        """Each tile's stacked weights (in `dtype`, default the stack's), kept for the next step: from
+        one decode step to the next the tiles' slots rarely change, and gathering them costs more
+        than the deltas themselves."""
+        key = (weights_version, segments.tile_slot_key, dtype)
         if self._tiles is None or self._tiles[0] != key:
-            self._tiles = key, self.stacked(weights_version).tiles(segments)
+            self._tiles = key, self.stacked(weights_version).tiles(segments, dtype)
         return self._tiles[1]
 
     def forward(self, x: torch.Tensor, segments: LoraSegments, builds_graph: bool, weights_version: int) -> torch.Tensor:
@@ -132,7 +136,10 @@ class FusedLoraLinear(nn.Module):
             return add_lora_group(y, x, segments, [p.adapters for p in self.projection_list], self.sizes, training=builds_graph)
         tiled = segments.one_tile_per_segment or len(segments.segments) >= TILED_MIN_SEGMENTS
         if tiled and self._slots.issuperset(segments.slots):
-            return add_lora_tiled(y, x, segments, self.tiles(segments, weights_version))
+            tiles = self.tiles(segments, weights_version, native.tile_dtype(x))
+            if native.accepts(y, x, tiles.A, tiles.B):
+                return add_lora_native(y, x, segments, tiles.A, tiles.B, tiles.blocks)
+            return add_lora_tiled(y, x, segments, tiles)
         return add_lora_stacked(y, x, segments, self.stacked(weights_version), self._slots)
 
 

@@ -52,6 +52,8 @@ class StackedLora:
     A_t: [num_slots, in, sum(ranks)]    (A transposed, zero columns past each adapter's rank)
     B_t: [num_slots, sum(ranks), out]   (scale * B transposed, zero rows past each adapter's rank)
     ranks: the rank columns each projection has (at least its largest adapter's rank).
+    blocks: [n, 4] long on the CPU, (k0, k1, c0, c1) per projection with rank columns: the only
+    rows and columns of B_t that may be nonzero (B_t is block-diagonal for a fused group).
     Slots without an adapter on this linear are all zeros. Kept in float32 at least: for bf16
     models the deltas are computed in float32 and rounded once when added (on CPU, small bf16
     matmuls cost about twice their float32 counterparts, and the result is closer to exact).
@@ -60,6 +62,7 @@ class StackedLora:
     A_t: torch.Tensor
     B_t: torch.Tensor
     ranks: tuple[int, ...]
+    blocks: torch.Tensor
 
     @classmethod
     def build(cls, weights: Mapping[int, LoraWeights], in_features: int, out_features: int) -> StackedLora:
@@ -77,9 +80,15 @@ class StackedLora:
         any_w = next(w for weights, _ in projections for w in weights.values())
         num_slots, ranks = _layout(projections)
         kw = dict(dtype=torch.promote_types(any_w.A.dtype, torch.float32), device=any_w.A.device)
+        blocks, k0, c0 = [], 0, 0
+        for rank, (_, out) in zip(ranks, projections):
+            if rank:
+                blocks.append((k0, k0 + rank, c0, c0 + out))
+            k0, c0 = k0 + rank, c0 + out
         with torch.inference_mode(False):  # normal tensors: `write` updates them in place in any mode
             stacked = cls(torch.zeros(num_slots, in_features, sum(ranks), **kw),
-                          torch.zeros(num_slots, sum(ranks), sum(out for _, out in projections), **kw), ranks)
+                          torch.zeros(num_slots, sum(ranks), sum(out for _, out in projections), **kw), ranks,
+                          torch.tensor(blocks, dtype=torch.long).reshape(len(blocks), 4))
         stacked.write(projections, range(num_slots))
         return stacked
 
@@ -104,9 +113,10 @@ class StackedLora:
                         self.B_t[slot, r0 : r0 + w.rank, c0 : c0 + out] = w.scale * w.B.T
                 r0, c0 = r0 + rank, c0 + out
 
-    def tiles(self, segments: LoraSegments) -> TileWeights:
-        """Every tile's weights, gathered (copied) by its slot."""
-        return TileWeights(self.A_t[segments.tile_slots], self.B_t[segments.tile_slots])
+    def tiles(self, segments: LoraSegments, dtype: torch.dtype | None = None) -> TileWeights:
+        """Every tile's weights, gathered (copied) by its slot, in `dtype` (default: the stack's)."""
+        A, B = self.A_t[segments.tile_slots], self.B_t[segments.tile_slots]
+        return TileWeights(A.to(dtype or A.dtype), B.to(dtype or B.dtype), self.blocks)
 
 
 def _layout(projections: Sequence[tuple[Mapping[int, LoraWeights], int]]) -> tuple[int, tuple[int, ...]]:
@@ -117,10 +127,12 @@ def _layout(projections: Sequence[tuple[Mapping[int, LoraWeights], int]]) -> tup
 
 @dataclass(frozen=True)
 class TileWeights:
-    """The stacked weights of each tile's slot: A [n_tiles, in, max_rank], B [n_tiles, max_rank, out]."""
+    """The stacked weights of each tile's slot: A [n_tiles, in, max_rank], B [n_tiles, max_rank, out];
+    blocks: the stack's (`StackedLora.blocks`)."""
 
     A: torch.Tensor
     B: torch.Tensor
+    blocks: torch.Tensor
 
 
 def add_lora_loop(

@@ -1,0 +1,160 @@
+"""The native segmented LoRA kernel (lora/native): on bf16 rows it adds the deltas the loop
+reference defines, rounded once as torch rounds, in every layout the layer hands it; the layer
+takes it for bf16 decode rows (where the PyTorch path, which rounds twice, stays within bf16
+tolerance of the same reference); where it cannot be built, the PyTorch path runs and the log
+says why."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+from loramux.lora import native
+from loramux.lora.layer import FusedLoraLinear
+from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop
+from loramux.lora.segments import LoraSegments
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason="the native kernel cannot run on this machine")
+
+IN = 40
+# Output widths that are not multiples of the kernel's 16 lanes; stack ranks 8 + 24 + 40 = 72, more
+# than the 64 rank columns the kernel keeps in registers at once.
+OUTS = (("q_proj", 50), ("k_proj", 30), ("v_proj", 20))
+RANKS = {"q_proj": 8, "k_proj": 24, "v_proj": 40}
+# slot -> (projections it targets, its rank on each: up to the projection's stack rank)
+ADAPTERS = {0: ("q_proj", "k_proj", "v_proj"), 1: ("k_proj",), 2: ("q_proj", "v_proj")}
+
+
+def _adapters(seed: int = 0) -> dict[str, dict[int, LoraWeights]]:
+    """bf16 adapters; powers-of-two scales, so folding the scale into bf16 B is exact."""
+    g = torch.Generator().manual_seed(seed)
+    adapters: dict[str, dict[int, LoraWeights]] = {name: {} for name, _ in OUTS}
+    outs = dict(OUTS)
+    for slot, names in ADAPTERS.items():
+        for name in names:
+            r = RANKS[name] if slot == 0 else max(1, RANKS[name] // 2 - slot)
+            adapters[name][slot] = LoraWeights(A=(torch.randn(r, IN, generator=g) / IN**0.5).bfloat16(),
+                                               B=torch.randn(outs[name], r, generator=g).bfloat16(), scale=2.0 ** (slot - 1))
+    return adapters
+
+
+def _expected(y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, adapters) -> torch.Tensor:
+    """y + each projection's deltas (the loop reference in float64), rounded once to bf16."""
+    columns = []
+    for (name, _), y_part in zip(OUTS, y.double().split([out for _, out in OUTS], dim=-1)):
+        weights = {s: LoraWeights(w.A.double(), w.B.double(), w.scale) for s, w in adapters[name].items()}
+        columns.append(add_lora_loop(y_part.clone(), x.double(), segments, weights))
+    return torch.cat(columns, dim=-1).bfloat16()
+
+
+def _assert_rounded_once(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal but for float32 summation order: at most one bf16 step apart, nearly all exactly equal."""
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected.double(), rtol=2**-7, atol=1e-6)
+    assert (got == expected).double().mean().item() > 0.97
+
+
+LAYOUTS = {
+    # gaps and trailing rows without an adapter; a segment of 12 rows (two 8-row chunks)
+    "segments-with-gaps": (21, [(0, 3, 2), (5, 17, 0), (17, 18, 1)]),
+    # decode: one row per sequence, one tile per adapter
+    "decode": (6, [(0, 3, 0), (3, 5, 1), (5, 6, 2)]),
+    # a long segment cut into several tiles (a tile's weights gathered once per tile)
+    "several-tiles": (110, [(0, 100, 0), (100, 103, 1), (103, 110, 2)]),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernel_adds_the_reference_deltas_rounded_once(layout):
+    num_rows, segments = LAYOUTS[layout]
+    seg = LoraSegments.from_segments(num_rows, segments)
+    adapters = _adapters()
+    tiles = StackedLora.build_fused([(adapters[name], out) for name, out in OUTS], IN).tiles(seg, torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(num_rows, IN, generator=g).bfloat16()
+    y = torch.randn(num_rows, sum(out for _, out in OUTS), generator=g).bfloat16()
+    assert native.accepts(y, x, tiles.A, tiles.B)
+    got = native.add_lora_native(y.clone(), x, seg, tiles.A, tiles.B, tiles.blocks)
+    _assert_rounded_once(got, _expected(y, x, seg, adapters))
+    covered = torch.zeros(num_rows, dtype=torch.bool)
+    for start, end, _ in segments:
+        covered[start:end] = True
+    assert torch.equal(got[~covered], y[~covered])  # rows of no adapter: untouched, bit for bit
+
+
+@needs_kernel
+def test_blocks_are_the_projections_rank_rows_and_columns():
+    stacked = StackedLora.build_fused([(_adapters()[name], out) for name, out in OUTS], IN)
+    assert stacked.blocks.tolist() == [[0, 8, 0, 50], [8, 32, 50, 80], [32, 72, 80, 100]]
+
+
+@needs_kernel
+def test_layer_takes_the_kernel_for_bf16_decode_rows_and_agrees_with_the_pytorch_path():
+    layer = FusedLoraLinear(IN, OUTS, bias=True, layer_idx=0).bfloat16()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+    adapters = _adapters()
+    for name, by_slot in adapters.items():
+        for slot, w in by_slot.items():
+            layer.projections[name].set_adapter(slot, w)
+    seg = LoraSegments.from_segments(6, LAYOUTS["decode"][1])
+    x = torch.randn(6, IN, generator=g).bfloat16()
+    calls = mock.Mock(wraps=native.add_lora_native)
+    with torch.no_grad(), mock.patch("loramux.lora.layer.add_lora_native", calls):
+        got = layer(x, seg, builds_graph=False, weights_version=0)
+        assert calls.call_count == 1
+        with mock.patch.object(native, "tile_dtype", lambda x: None), mock.patch.object(native, "accepts", lambda *a: False):
+            pytorch_path = layer(x, seg, builds_graph=False, weights_version=0)
+        assert calls.call_count == 1
+    expected = _expected(torch.nn.functional.linear(x, layer.weight, layer.bias), x, seg, adapters)
+    _assert_rounded_once(got, expected)
+    # the PyTorch path rounds the deltas to bf16 before adding them to these (padded) tiles' rows
+    torch.testing.assert_close(pytorch_path.double(), expected.double(), rtol=2**-6, atol=2**-8 * expected.abs().max().item())
+
+
+def test_float32_rows_keep_the_pytorch_path():
+    x = torch.zeros(2, IN)
+    assert native.tile_dtype(x) is None
+    assert not native.accepts(x, x, x, x)
+
+
+def _available_in_a_fresh_process(env: dict[str, str]) -> subprocess.CompletedProcess:
+    code = "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n" \
+           "from loramux.lora import native; print('available', native.available())"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_a_compiler_that_fails_leaves_the_pytorch_path_and_says_why(tmp_path):
+    if not native.available():
+        pytest.skip("the kernel is unavailable here for another reason")
+    run = _available_in_a_fresh_process({"CC": "false", "XDG_CACHE_HOME": str(tmp_path)})
+    assert run.returncode == 0, run.stderr
+    assert "available False" in run.stdout
+    assert "did not compile" in run.stdout
+    assert not list(tmp_path.rglob("*.so"))  # no half-built library left to load next time
+
+
+def test_turned_off_by_the_environment():
+    run = _available_in_a_fresh_process({"LORAMUX_NATIVE_KERNELS": "0"})
+    assert run.returncode == 0, run.stderr
+    assert "available False" in run.stdout and "LORAMUX_NATIVE_KERNELS=0" in run.stdout
+
+
+@needs_kernel
+def test_built_once_into_the_cache_then_loaded(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    first = _available_in_a_fresh_process(env)
+    assert "available True" in first.stdout, first.stdout + first.stderr
+    built = list((tmp_path / "loramux" / "kernels").glob("segmented_lora-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert "available True" in _available_in_a_fresh_process(env).stdout
+    assert built[0].stat().st_mtime_ns == stamp
