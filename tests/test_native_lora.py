@@ -135,7 +135,7 @@ def _available_in_a_fresh_process(env: dict[str, str]) -> subprocess.CompletedPr
 def test_a_compiler_that_fails_leaves_the_pytorch_path_and_says_why(tmp_path):
     if not native.available():
         pytest.skip("the kernel is unavailable here for another reason")
-    run = _available_in_a_fresh_process({"CC": "false", "XDG_CACHE_HOME": str(tmp_path)})
+    run = _available_in_a_fresh_process({"CC": "false", "LORAMUX_CACHE_DIR": str(tmp_path)})
     assert run.returncode == 0, run.stderr
     assert "available False" in run.stdout
     assert "did not compile" in run.stdout
@@ -150,10 +150,10 @@ def test_turned_off_by_the_environment():
 
 @needs_kernel
 def test_built_once_into_the_cache_then_loaded(tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    env = {"LORAMUX_CACHE_DIR": str(tmp_path)}
     first = _available_in_a_fresh_process(env)
     assert "available True" in first.stdout, first.stdout + first.stderr
-    built = list((tmp_path / "loramux" / "kernels").glob("segmented_lora-*.so"))
+    built = list((tmp_path / "kernels").glob("segmented_lora-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     assert "available True" in _available_in_a_fresh_process(env).stdout

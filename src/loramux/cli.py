@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from loramux.bench.command import add_bench_parser
-from loramux.config import UnsupportedModelError
+from loramux.config import CACHE_ENV, UnsupportedModelError
 from loramux.lora.adapter import AdapterError, UnknownAdapterError
 
 BASE = "base"  # --use value meaning "no adapter"
@@ -24,7 +25,7 @@ def _adapter_spec(value: str) -> tuple[str, str]:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--cache-dir", default=None, help="where converted models are cached (env LORAMUX_CACHE_DIR)")
+    p.add_argument("--cache-dir", default=None, help="where converted models and compiled kernels are kept (env LORAMUX_CACHE_DIR)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
 
@@ -118,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if getattr(args, "cache_dir", None):
+        os.environ[CACHE_ENV] = args.cache_dir  # for the kernels, and the processes a command starts
     try:
         return args.run(args)
     except (AdapterError, UnknownAdapterError, UnsupportedModelError, ValueError, LookupError) as e:  # incl. ServerError

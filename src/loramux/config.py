@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -10,6 +12,12 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 LORA_TARGETS = ATTENTION_LINEARS + MLP_LINEARS  # every linear of a decoder layer, in PEFT's names
+CACHE_ENV = "LORAMUX_CACHE_DIR"
+
+
+def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Where loramux keeps what it makes once: converted models (`models/`), compiled kernels (`kernels/`)."""
+    return Path(explicit or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "loramux")
 
 
 class UnsupportedModelError(ValueError):

@@ -73,8 +73,6 @@ def options_from_args(args) -> BenchOptions:
 
 
 def run_bench(args) -> int:
-    if args.cache_dir:
-        os.environ["LORAMUX_CACHE_DIR"] = args.cache_dir  # seen by the servers the run starts too
     options = options_from_args(args)
     if options.setting == "inference":
         from loramux.bench.inference import run

