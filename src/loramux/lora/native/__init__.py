@@ -9,7 +9,7 @@ steps of the default model in bf16 with 4 adapters: 65.6 -> 58.3 ms at 32 rows, 
 batch 1 (benchmarks/lora_decode_cost.py). Float32 rows keep the `bmm`s, which cost no more there.
 
 The kernel is compiled on first use with the system's C compiler (`$CC`, else `cc`) into the cache
-(`$LORAMUX_CACHE_DIR/kernels`, keyed by the source, compiler and flags; about a second) and loaded
+(`$LORAMUX_CACHE_DIR/kernels`, keyed by the source, compiler and flags; under a second) and loaded
 with ctypes. Where it cannot be (not x86-64, no compiler, a CPU without AVX-512,
 `LORAMUX_NATIVE_KERNELS=0`), `available()` is False and callers keep the PyTorch path; the reason
 is logged once.
