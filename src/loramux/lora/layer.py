@@ -14,11 +14,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from loramux.lora import native
-from loramux.lora.native import add_lora_native
 from loramux.lora.ops import LoraWeights, StackedLora, TileWeights, add_lora_group, add_lora_stacked, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 from loramux.model.prepacked import FrozenLinear
+from loramux.native import segmented_lora
+from loramux.native.segmented_lora import add_lora_native
 
 # Inference rows take the tiled path when every segment is one tile (decode steps), or from this
 # many segments on. Below it, segments of several tiles (prefill chunks) take the per-segment
@@ -63,7 +63,7 @@ class FusedLoraLinear(nn.Module):
     the group (`StackedLora`: A of all projections concatenated, B block-diagonal, scale folded
     in). Either way each segment costs two matmuls for the whole group; with one tile per segment
     or many segments, two batched matmuls serve all of them (on CPUs with AVX-512, one call of the
-    native kernel, `lora/native`), against the tiles' weights gathered from the stacked copy and
+    native kernel, `native/segmented_lora`), against the tiles' weights gathered from the stacked copy and
     kept while the tiles' slots stay the same.
     """
 
@@ -136,8 +136,8 @@ class FusedLoraLinear(nn.Module):
             return add_lora_group(y, x, segments, [p.adapters for p in self.projection_list], self.sizes, training=builds_graph)
         tiled = segments.one_tile_per_segment or len(segments.segments) >= TILED_MIN_SEGMENTS
         if tiled and self._slots.issuperset(segments.slots):
-            tiles = self.tiles(segments, weights_version, native.tile_dtype(x))
-            if native.accepts(y, x, tiles.A, tiles.B):
+            tiles = self.tiles(segments, weights_version, segmented_lora.tile_dtype(x))
+            if segmented_lora.accepts(y, x, tiles.A, tiles.B):
                 return add_lora_native(y, x, segments, tiles.A, tiles.B, tiles.blocks)
             return add_lora_tiled(y, x, segments, tiles)
         return add_lora_stacked(y, x, segments, self.stacked(weights_version), self._slots)

@@ -27,6 +27,8 @@ from loramux.lora.layer import FusedLoraLinear, LoraProjection, MultiLoraLinear
 from loramux.model.prepacked import FrozenLinear
 from loramux.model.recompute import recomputed
 from loramux.model.rope import apply_rotary, inverse_frequencies, rotary_tables
+from loramux.native import rms_norm
+from loramux.native.rms_norm import rms_norm_native
 
 
 class RMSNorm(nn.Module):
@@ -36,6 +38,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, size]. Without autograd, one native pass where it runs (native/rms_norm)."""
+        if not torch.is_grad_enabled() and rms_norm.accepts(x, self.weight):
+            return rms_norm_native(x, self.weight, self.eps)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         """As transformers': normalized in float32, rounded to x's dtype, then times the weight."""
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -196,7 +204,8 @@ def _after_norm(norm: RMSNorm, x: torch.Tensor, block: Callable[[torch.Tensor], 
     """block(norm(x)); backward makes norm(x) again from x (which the norm's backward keeps anyway)
     instead of keeping it for the adapters' gradients."""
     normed = norm(x)
-    with recomputed(normed, lambda: norm(x)):
+    # backward runs without autograd: `reference` keeps it on the path the forward took
+    with recomputed(normed, lambda: norm.reference(x)):
         return block(normed)
 
 

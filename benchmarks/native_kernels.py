@@ -1,21 +1,21 @@
-"""What the LoRA deltas cost a decode step, with the native kernel and with PyTorch's `bmm`s.
+"""What the native kernels (loramux.native) save a decode step, and what the LoRA deltas still cost.
 
 The default model with the bench's 4 adapters (rank 16, all linears), `--rows` requests decoding
 at once (64-token prompts, 4 adapters mixed), in each of `--dtypes`. Each variant runs in a fresh
 process (a serving engine runs one path, not a mix: toggling paths on one engine makes every
 switch gather tiles and fill caches again), 8 warm-up steps then the median of 10 steps; the
-variants are interleaved `--repeats` times and the median of those is printed:
+variants are interleaved `--repeats` times and the median of those is printed, in ms per step:
 
-- `native`: the tiled path as shipped where the native kernel runs (lora/native: one call per
-  fused linear; bf16 rows read bf16 tiles);
-- `bmm`: the PyTorch tiled path (`ops.add_lora_tiled`: tiles' weights in float32, two `bmm`s per
-  fused linear, the deltas rounded once when added), as with `LORAMUX_NATIVE_KERNELS=0`;
-- `no delta`: the deltas are skipped. Not a correct model: the bound any LoRA kernel could reach,
-  since everything else about the step (the adapters' segments, the kept tiles, the base GEMMs)
-  stays as it is.
+- `native`: as shipped (native/segmented_lora for bf16 rows' LoRA deltas, native/rms_norm for
+  every norm of rows without autograd);
+- `torch norms`: the norms with PyTorch ops (`RMSNorm.reference`);
+- `torch LoRA`: the LoRA deltas with PyTorch's tiled path (`ops.add_lora_tiled`: float32 tiles,
+  two `bmm`s per fused linear);
+- `no delta`: the native norms, the LoRA deltas skipped. Not a correct model: the bound any LoRA
+  kernel could reach, everything else about the step (segments, kept tiles, base GEMMs) as it is.
 
-    .venv/bin/python benchmarks/lora_decode_cost.py                  # about 3 minutes
-    .venv/bin/python benchmarks/lora_decode_cost.py --rows 1,8,32 --dtypes bfloat16
+    .venv/bin/python benchmarks/native_kernels.py                    # about 10 minutes
+    .venv/bin/python benchmarks/native_kernels.py --rows 32 --dtypes bfloat16 --repeats 1
 """
 
 from __future__ import annotations
@@ -28,18 +28,21 @@ import time
 from contextlib import ExitStack
 from unittest import mock
 
-VARIANTS = ("native", "bmm", "no delta")
+VARIANTS = ("native", "torch norms", "torch LoRA", "no delta")
 
 
 def child(variant: str, dtype: str, rows: int) -> None:
     """Runs in the fresh process: prints the median step time in ms."""
     from decoding import decoding_engine
 
-    from loramux.lora import layer, native
+    from loramux.lora import layer
+    from loramux.native import rms_norm, segmented_lora
 
     with ExitStack() as patches:
-        if variant == "bmm":
-            patches.enter_context(mock.patch.object(native, "available", lambda: False))
+        if variant == "torch norms":
+            patches.enter_context(mock.patch.object(rms_norm, "available", lambda: False))
+        elif variant == "torch LoRA":
+            patches.enter_context(mock.patch.object(segmented_lora, "available", lambda: False))
         elif variant == "no delta":
             patches.enter_context(mock.patch.object(layer, "add_lora_native", lambda y, *a: y))
             patches.enter_context(mock.patch.object(layer, "add_lora_tiled", lambda y, *a: y))
@@ -66,22 +69,22 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         return child(a.child[0], a.child[1], int(a.child[2]))
-    from loramux.lora import native
+    from loramux import native
 
     if not native.available():
-        raise SystemExit("the native kernel is not available here (see the log): nothing to compare")
-    print("| dtype | rows | native ms/step | bmm ms/step | no delta ms/step | bmm / native | deltas' share, native | deltas' share, bmm |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        raise SystemExit("the native kernels are not available here (see the log): nothing to compare")
+    print("| dtype | rows | " + " | ".join(VARIANTS) + " | torch norms / native | torch LoRA / native | deltas' share |")
+    print("|---|---:|" + "---:|" * (len(VARIANTS) + 3))
     for dtype in a.dtypes.split(","):
         for rows in (int(r) for r in a.rows.split(",")):
             runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for r in range(a.repeats):
-                for v in VARIANTS[r % 3:] + VARIANTS[: r % 3]:
+                for v in VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]:
                     runs[v].append(step_ms(v, dtype, rows))
             ms = {v: statistics.median(t) for v, t in runs.items()}
-            share = {v: 100 * (1 - ms["no delta"] / ms[v]) for v in ("native", "bmm")}
-            print(f"| {dtype} | {rows} | {ms['native']:.1f} | {ms['bmm']:.1f} | {ms['no delta']:.1f} | "
-                  f"{ms['bmm'] / ms['native']:.2f}x | {share['native']:.0f}% | {share['bmm']:.0f}% |", flush=True)
+            print(f"| {dtype} | {rows} | " + " | ".join(f"{ms[v]:.1f}" for v in VARIANTS)
+                  + f" | {ms['torch norms'] / ms['native']:.2f}x | {ms['torch LoRA'] / ms['native']:.2f}x"
+                  + f" | {100 * (1 - ms['no delta'] / ms['native']):.0f}% |", flush=True)
 
 
 if __name__ == "__main__":

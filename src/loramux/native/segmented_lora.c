@@ -1,4 +1,4 @@
-/* The segmented multi-LoRA matmul for inference rows on x86-64 CPUs with AVX-512 (loramux.lora.native).
+/* The segmented multi-LoRA matmul for bf16 inference rows (loramux.native.segmented_lora).
  *
  * For every segment (start, end, w):   y[start:end] += (x[start:end] @ A[w]) @ B[w]
  *
@@ -12,37 +12,18 @@
  * Both phases run on OpenMP threads: the library links libgomp.so.1, which resolves to the copy
  * torch has already loaded, so it shares torch's thread pool and thread count.
  */
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define ROWS 8 /* rows computed together: ROWS x 4 float32 accumulators fit the 32 registers */
-
-int loramux_cpu_supported(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-}
-
-static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
-
-static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 
 static inline float scalar_bf16(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
-}
-
-static inline void store_bf16(uint16_t *p, __m512 f, __mmask16 m) {
-    __m512i u = _mm512_castps_si512(f);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q); /* NaN stays a (quiet) NaN */
-    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
 }
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
