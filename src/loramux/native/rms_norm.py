@@ -3,8 +3,8 @@
 `rms_norm_native(x, weight, eps)` gives what `model.llama.RMSNorm` computes with PyTorch ops
 (Hugging Face's formula: normalized in float32; in bf16 rounded, then times the weight and rounded
 again), where torch's `rms_norm` runs as eight small ops per call on CPU. Decode steps of the
-default model in bf16 with 4 adapters: 55.5 -> 50.8 ms at 32 rows, 29.5 -> 27.2 at batch 1.
-Only for rows that build no graph: it has no backward.
+default model in bf16 with 4 adapters: 58.2 -> 51.7 ms at 32 rows, 30.0 -> 28.1 at batch 1
+(benchmarks/native_kernels.py). Only for rows that build no graph: it has no backward.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ in one call instead of a float32 conversion, two `bmm`s and a mixed-dtype add: b
 the add run in float32 registers on AVX-512, against the tiles' weights in bf16 (half the bytes of
 the float32 stack; a bf16 model's adapters are bf16 anyway, only the folded scale is rounded),
 read only inside each projection's block (a fused group's B is block-diagonal). Decode steps of
-the default model in bf16 with 4 adapters: 65.6 -> 58.3 ms at 32 rows, 32.6 -> 30.4 at batch 1
-(benchmarks/lora_decode_cost.py). Float32 rows keep the `bmm`s, which cost no more there.
+the default model in bf16 with 4 adapters: 62.1 -> 51.7 ms at 32 rows, 30.2 -> 28.1 at batch 1
+(benchmarks/native_kernels.py). Float32 rows keep the `bmm`s, which cost no more there.
 """
 
 from __future__ import annotations
