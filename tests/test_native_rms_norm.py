@@ -11,6 +11,7 @@ import torch
 
 from loramux.model.llama import RMSNorm
 from loramux.native import available, rms_norm
+from test_native_lora import assert_rounded_once
 
 pytestmark = pytest.mark.skipif(not available(), reason="the native kernels cannot run on this machine")
 
@@ -45,10 +46,9 @@ def test_bf16_rows_as_transformers_rounds_them(rows, size):
     x[0, :5] = 0  # zeros inside a row change nothing
     got = rms_norm.rms_norm_native(x, norm.weight, EPS)
     reference = norm.reference(x)
-    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert got.shape == x.shape
     # float32 sums in another order: at most one bf16 step from PyTorch's, nearly always equal
-    torch.testing.assert_close(got.double(), reference.double(), rtol=2**-7, atol=1e-6)
-    assert (got == reference).double().mean().item() > 0.99
+    assert_rounded_once(got, reference, min_equal=0.99)
     torch.testing.assert_close(got.double(), _hf_formula(x, norm.weight).double(), rtol=2**-7, atol=1e-6)
 
 

@@ -62,9 +62,9 @@ class FusedLoraLinear(nn.Module):
     autograd reaches them (`add_lora_group`). Other rows use one stacked copy of all adapters of
     the group (`StackedLora`: A of all projections concatenated, B block-diagonal, scale folded
     in). Either way each segment costs two matmuls for the whole group; with one tile per segment
-    or many segments, two batched matmuls serve all of them (on CPUs with AVX-512, one call of the
-    native kernel, `native/segmented_lora`), against the tiles' weights gathered from the stacked copy and
-    kept while the tiles' slots stay the same.
+    or many segments, two batched matmuls serve all of them (for bf16 rows on CPUs with AVX-512,
+    one call of the native kernel, `native/segmented_lora`), against the tiles' weights gathered
+    from the stacked copy and kept while the tiles' slots stay the same.
     """
 
     def __init__(self, in_features: int, outputs: Sequence[tuple[str, int]], bias: bool, layer_idx: int) -> None:

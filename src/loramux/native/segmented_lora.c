@@ -13,18 +13,10 @@
  * torch has already loaded, so it shares torch's thread pool and thread count.
  */
 #include <stdint.h>
-#include <string.h>
 
 #include "bf16.h"
 
 #define ROWS 8 /* rows computed together: ROWS x 4 float32 accumulators fit the 32 registers */
-
-static inline float scalar_bf16(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
