@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_hf, ours_from_hf
 from loramux.engine.batch import Batch, Chunk, RowKind
-from loramux.model.prepacked import FrozenLinear, can_prepack
+from loramux.model.prepacked import FrozenLinear, packing_unavailable
 
 BF16 = torch.bfloat16
-needs_onednn = pytest.mark.skipif(not can_prepack(torch.zeros(1, 1, dtype=BF16)), reason="no oneDNN bf16 packing here")
+needs_onednn = pytest.mark.skipif(packing_unavailable() is not None, reason=f"no bf16 weight packing on this CPU: {packing_unavailable()}")
 
 
 @needs_onednn
@@ -63,3 +63,14 @@ def test_bf16_model_logits_are_the_same_packed_or_not():
         packed = ours.logits(ours(batch))
     assert torch.equal(plain, packed)
     assert all(f._packed is not None for f in [ours._lm_head] + [m.base for m in ours.modules() if hasattr(m, "base")])
+
+
+def test_inference_rows_work_on_any_cpu():
+    """Where the CPU cannot pack bf16 weights (AVX2 only), the same call falls back to F.linear."""
+    x = torch.randn(6, 48).to(BF16)
+    w = torch.randn(40, 48).to(BF16)
+    frozen = FrozenLinear()
+    with torch.inference_mode():
+        got = frozen(x, w)
+    assert torch.equal(got, F.linear(x, w))
+    assert (frozen._packed is None) == (packing_unavailable() is not None)
