@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -17,10 +18,11 @@ from loramux.kv.paged_cache import PagedKVCache
 CONFIG = ours_from_hf(make_tiny_hf()).config
 
 
-def _request(order: int, prompt_len: int, arrival: float = 0.0, max_tokens: int = 8, ttft: float = 2.0) -> Request:
+def _request(order: int, prompt_len: int, arrival: float = 0.0, max_tokens: int = 8, ttft: float = 2.0,
+             tpot: float = 0.25) -> Request:
     return Request(
         id=f"r{order}", order=order, prompt_ids=[1] * prompt_len, adapter=None, slot=None,
-        params=SamplingParams(max_tokens=max_tokens), slo=SLO(ttft=ttft, tpot=0.25),
+        params=SamplingParams(max_tokens=max_tokens), slo=SLO(ttft=ttft, tpot=tpot),
         metrics=RequestMetrics(arrival=arrival), text=None, generator=torch.Generator(),
     )
 
@@ -181,3 +183,47 @@ def test_training_outside_the_serving_window_is_bounded_by_rows_not_timings():
     assert s.training_budget({}) == 4096  # a zero-second window has passed
     with pytest.raises(ValueError, match="serving_window_seconds"):
         SchedulerConfig(serving_window_seconds=-1)
+
+
+def test_running_requests_keep_their_tpot_while_long_prompts_arrive():
+    """Eight requests decode while eight long prompts (400 tokens each) arrive. Steps cost a known
+    10 ms + 0.5 ms per decode row + 1 ms per prefill row (the clock is this formula, not the
+    machine): with no budget a step would carry up to 2048 prompt rows (2 s); the scheduler sizes
+    steps from the costs it has recorded, so every step while requests decode fits their TPOT
+    target, and the long prompts are still all served."""
+    def seconds(rows) -> float:
+        return 0.010 + 0.0005 * rows.get(RowKind.DECODE, 0) + 0.001 * rows.get(RowKind.PREFILL, 0)
+
+    tpot = 0.3
+    s = _scheduler(num_blocks=1024, block_size=16, max_step_tokens=2048, max_prefill_chunk=2048)
+    now = time.perf_counter()  # arrival times far from any first-token deadline (60 s)
+    runners = [_request(i, 20, arrival=now, max_tokens=40, ttft=60.0, tpot=tpot) for i in range(8)]
+    late = [_request(8 + i, 400, arrival=now, max_tokens=4, ttft=60.0, tpot=tpot) for i in range(8)]
+    for r in runners:
+        s.add(r)
+    decode_step_costs, late_done_at = [], None
+    for step in range(400):
+        if step == 4:  # the runners decode; the long prompts arrive
+            for r in late:
+                s.add(r)
+        out = s.schedule()
+        if not out.chunks:
+            break
+        rows = {RowKind.DECODE: 0, RowKind.PREFILL: 0}
+        for c in out.chunks:
+            rows[RowKind.DECODE if c.end - c.start == 1 and c.start > 0 else RowKind.PREFILL] += c.end - c.start
+        if any(r in s.running and r.output_ids for r in runners):
+            decode_step_costs.append(seconds(rows))
+        s.cost.record(rows, seconds(rows))
+        _run(s, out)
+        for r in [*runners, *late]:
+            if len(r.output_ids) >= r.params.max_tokens and r.state is RequestState.RUNNING:
+                s.remove(r)
+                r.state = RequestState.FINISHED
+        if late_done_at is None and all(r.state is RequestState.FINISHED for r in late):
+            late_done_at = step
+    assert all(len(r.output_ids) == 40 for r in runners) and all(len(r.output_ids) == 4 for r in late)
+    assert max(decode_step_costs) <= tpot, sorted(decode_step_costs)[-5:]
+    # the budget is used, not just respected: the 3,200 prompt rows took about 256 rows a step
+    # (0.9 x 0.3 s less the decodes), not the 16-row minimum (200 steps)
+    assert late_done_at - 4 <= 25, late_done_at
