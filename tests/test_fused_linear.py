@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_hf, ours_from_hf
+from loramux.lora.generations import AdapterGenerations
 from loramux.config import LORA_TARGETS
 from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.layer import FusedLoraLinear
@@ -72,7 +73,7 @@ def test_fused_group_equals_separate_projections_with_their_own_adapters(path, m
             for w in per_slot.values():
                 w.A.requires_grad_(True)
                 w.B.requires_grad_(True)
-        got = layer(x, seg, builds_graph=True, weights_version=0)
+        got = layer(x, seg, builds_graph=True, generations=AdapterGenerations())
         got.square().sum().backward()
         # gradients reach exactly the adapters whose rows are in the batch
         for name, per_slot in adapters.items():
@@ -81,7 +82,7 @@ def test_fused_group_equals_separate_projections_with_their_own_adapters(path, m
         assert layer.weight.grad is None and not layer.weight.requires_grad
     else:
         with torch.no_grad():
-            got = layer(x, seg, builds_graph=False, weights_version=0)
+            got = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
     assert (got.double() - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
     for part, (name, out) in zip(layer.split(got), OUTS):
         assert part.shape == (x.shape[0], out)
@@ -127,7 +128,7 @@ def test_stacked_group_in_bf16_is_within_bf16_tolerance():
     expected = _separate_reference(x.float(), seg, {n: (w.bfloat16().float(), b.bfloat16().float()) for n, (w, b) in separate.items()},
                                    {n: {s: LoraWeights(w.A.float(), w.B.float(), w.scale) for s, w in a.items()} for n, a in adapters.items()})
     with torch.no_grad():
-        got = layer(x, seg, builds_graph=False, weights_version=0)
+        got = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
     assert (got.double() - expected).abs().max().item() <= 0.02 * expected.abs().max().item()
 
 
@@ -145,7 +146,7 @@ def test_stacked_weights_are_block_diagonal_over_projections():
 
 def test_stacked_loop_skips_slots_not_given():
     layer, x, seg, separate, adapters = _group()
-    stacked = layer.stacked(0)
+    stacked = layer.stacked(AdapterGenerations())
     base = x @ layer.weight.T
     y = add_lora_stacked(base.clone(), x, seg, stacked, slots={0})
     start, end = next((s, e) for s, e, slot in seg.segments if slot == 0)
@@ -153,15 +154,17 @@ def test_stacked_loop_skips_slots_not_given():
     assert not torch.equal(y[start:end], base[start:end])
 
 
-def test_adapter_changes_and_version_invalidate_the_stack():
+def test_adapter_changes_and_generations_invalidate_the_stack():
     layer, x, seg, separate, adapters = _group()
+    generations = AdapterGenerations()
     with torch.no_grad():
-        before = layer(x, seg, builds_graph=False, weights_version=0)
-        layer.projections["v_proj"].remove_adapter(4)  # structural change: rebuilt at once
-        removed = layer(x, seg, builds_graph=False, weights_version=0)
-        adapters["k_proj"][2].B.mul_(3)  # in-place update: seen from the next version
-        stale = layer(x, seg, builds_graph=False, weights_version=0)
-        fresh = layer(x, seg, builds_graph=False, weights_version=1)
+        before = layer(x, seg, builds_graph=False, generations=generations)
+        layer.projections["v_proj"].remove_adapter(4)  # structural change: rewritten at once
+        removed = layer(x, seg, builds_graph=False, generations=generations)
+        adapters["k_proj"][2].B.mul_(3)  # in-place update: seen once its slot's generation moves
+        stale = layer(x, seg, builds_graph=False, generations=generations)
+        generations.bump(2)
+        fresh = layer(x, seg, builds_graph=False, generations=generations)
     del adapters["v_proj"][4]
     assert not torch.equal(before, removed)
     assert torch.equal(removed, stale)

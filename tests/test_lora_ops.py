@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loramux.lora.generations import AdapterGenerations
 from loramux.lora.layer import MultiLoraLinear
 from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop, add_lora_tiled
 from loramux.lora.segments import LoraSegments
@@ -112,22 +113,25 @@ def test_layer_paths_agree_and_skip_adapters_not_on_this_linear(mix, always_tile
     layer.remove_adapter(missing)
     expected = add_lora_loop(x @ W.T, x, seg, {s: w for s, w in weights.items() if s != missing})
     with torch.no_grad():
-        got = layer(x, seg, builds_graph=False, weights_version=0)
+        got = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
     assert (got - expected).abs().max().item() <= 1e-4
 
 
-def test_layer_sees_in_place_weight_updates_through_version(always_tiled):
+def test_layer_sees_in_place_weight_updates_through_generations(always_tiled):
     x, W, seg, weights = _setup("uniform", (4,))
     layer = MultiLoraLinear(IN, OUT, bias=False, name="q_proj", layer_idx=0)
+    generations = AdapterGenerations()
     with torch.no_grad():
         layer.weight.copy_(W)
         for slot, w in weights.items():
             layer.set_adapter(slot, w)
-        before = layer(x, seg, builds_graph=False, weights_version=1)
+        before = layer(x, seg, builds_graph=False, generations=generations)
         for w in weights.values():
             w.B.mul_(2)
-        stale = layer(x, seg, builds_graph=False, weights_version=1)  # same version: cached stack
-        fresh = layer(x, seg, builds_graph=False, weights_version=2)
+        stale = layer(x, seg, builds_graph=False, generations=generations)  # no generation moved: cached stack
+        for slot in weights:
+            generations.bump(slot)
+        fresh = layer(x, seg, builds_graph=False, generations=generations)
     assert torch.equal(before, stale)
     assert (fresh - add_lora_loop(x @ W.T, x, seg, weights)).abs().max() <= 1e-4
     assert not torch.allclose(fresh, before)
@@ -155,7 +159,7 @@ def test_layer_regathers_tile_weights_when_the_layout_changes():
         layouts = [LoraSegments.from_segments(ROWS, [(12 * i, 12 * i + 12, slot) for i, slot in enumerate(order)])
                    for order in ([0, 1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5, 6, 7])]
         for seg in layouts:
-            got = layer(x, seg, builds_graph=False, weights_version=0)
+            got = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
             assert (got - add_lora_loop(x @ W.T, x, seg, weights)).abs().max().item() <= 1e-4
 
 
@@ -173,16 +177,18 @@ def test_layer_rewrites_only_what_changed_in_its_stack():
         assert torch.equal(stacked.A_t[:n], fresh.A_t) and torch.equal(stacked.B_t[:n], fresh.B_t)
         assert not stacked.A_t[n:].any() and not stacked.B_t[n:].any()
 
-    first = layer.stacked(weights_version=0)
+    generations = AdapterGenerations()
+    first = layer.stacked(generations)
     with torch.no_grad():
-        weights[5].B.mul_(2)  # what an optimizer step does
-    assert layer.stacked(weights_version=1) is first
+        weights[5].B.mul_(2)  # what an optimizer step does; the registry then bumps the slot
+    generations.bump(5)
+    assert layer.stacked(generations) is first
     assert_fresh(first)
     layer.remove_adapter(2)
-    assert layer.stacked(weights_version=2) is first and not first.A_t[2].any()
+    assert layer.stacked(generations) is first and not first.A_t[2].any()
     assert_fresh(first)
     layer.set_adapter(20, weights[5])
-    grown = layer.stacked(weights_version=3)
+    grown = layer.stacked(generations)
     assert grown is not first and grown.A_t.shape[0] == 21
     assert_fresh(grown)
 

@@ -10,6 +10,7 @@ from unittest import mock
 import pytest
 import torch
 
+from loramux.lora.generations import AdapterGenerations
 from loramux import native
 from loramux.lora.layer import FusedLoraLinear
 from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop
@@ -107,10 +108,10 @@ def test_layer_takes_the_kernel_for_bf16_decode_rows_and_agrees_with_the_pytorch
     x = torch.randn(6, IN, generator=g).bfloat16()
     calls = mock.Mock(wraps=segmented_lora.add_lora_native)
     with torch.no_grad(), mock.patch("loramux.lora.layer.add_lora_native", calls):
-        got = layer(x, seg, builds_graph=False, weights_version=0)
+        got = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
         assert calls.call_count == 1
         with mock.patch.object(segmented_lora, "tile_dtype", lambda x: None), mock.patch.object(segmented_lora, "accepts", lambda *a: False):
-            pytorch_path = layer(x, seg, builds_graph=False, weights_version=0)
+            pytorch_path = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
         assert calls.call_count == 1
     expected = _expected(torch.nn.functional.linear(x, layer.weight, layer.bias), x, seg, adapters)
     assert_rounded_once(got, expected)

@@ -184,7 +184,7 @@ class Engine:
             job = TrainingJob(
                 job_id or f"ftjob-{next(self._order)}", self.adapters.get(adapter), train_samples, training,
                 val=val_samples, checkpoint_dir=checkpoint_dir, output_dir=output_dir, base_model=self.model_name,
-                on_weights_changed=self.adapters.mark_updated,
+                on_weights_changed=lambda: self.adapters.mark_updated(adapter),
             )
             checkpoint = latest_checkpoint(checkpoint_dir)
             if checkpoint is not None:

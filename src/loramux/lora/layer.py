@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from loramux.lora.generations import AdapterGenerations
 from loramux.lora.ops import LoraWeights, StackedLora, TileWeights, add_lora_group, add_lora_stacked, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 from loramux.model.prepacked import FrozenLinear
@@ -41,11 +42,11 @@ class LoraProjection:
 
     def set_adapter(self, slot: int, weights: LoraWeights) -> None:
         self.adapters[slot] = weights
-        self._owner.adapters_changed()
+        self._owner.adapters_changed(slot)
 
     def remove_adapter(self, slot: int) -> None:
         self.adapters.pop(slot, None)
-        self._owner.adapters_changed()
+        self._owner.adapters_changed(slot)
 
 
 class FusedLoraLinear(nn.Module):
@@ -83,12 +84,16 @@ class FusedLoraLinear(nn.Module):
         self.projection_list = tuple(self.projections.values())
         self._slots: frozenset[int] = frozenset()  # slots with an adapter on any projection
         self._stacked: StackedLora | None = None
-        self._stacked_version = -1
-        self._stacked_from: dict[int, tuple] = {}  # slot -> what its stacked rows were written from
-        self._tiles: tuple[tuple, TileWeights] | None = None  # (weights version, tile slots), weights
+        self._stacked_version = -1  # the generations' version the stack is current at
+        self._stacked_from: dict[int, int] = {}  # slot -> the generation its stacked rows were written from
+        self._changed: set[int] = set()  # slots installed or removed here since the stack was written
+        self._tiles: tuple[tuple, TileWeights] | None = None  # (version, tile slots, dtype), weights
 
-    def adapters_changed(self) -> None:
+    def adapters_changed(self, slot: int) -> None:
+        """A projection's adapter in `slot` was installed or removed: its stacked rows are rewritten
+        at the next call, whatever the generations say."""
         self._slots = frozenset(s for p in self.projections.values() for s in p.adapters)
+        self._changed.add(slot)
         self._stacked_version = -1  # the next `stacked` compares every slot
         self._tiles = None
 
@@ -96,38 +101,39 @@ class FusedLoraLinear(nn.Module):
         """y [T, out_features] -> each projection's output [T, out_i], views in `outputs` order."""
         return y.split(self.sizes, dim=-1)
 
-    def stacked(self, weights_version: int) -> StackedLora:
-        """The group's adapters stacked by slot. When `weights_version` changes, only the slots
-        whose adapters changed (other weights, or the same tensors updated in place) are
-        rewritten: with 64 adapters, a rebuild of every slot stalled the next step by 2.4 s after
-        any adapter load or optimizer step. The stack is rebuilt whole when adapters outgrow it."""
-        if self._stacked is not None and self._stacked_version == weights_version:
+    def stacked(self, generations: AdapterGenerations) -> StackedLora:
+        """The group's adapters stacked by slot. Only the slots installed or removed here, or whose
+        generation moved (weights updated in place), are rewritten: with 64 adapters, a rebuild of
+        every slot stalled the next step by seconds after any adapter load or optimizer step. The
+        stack is rebuilt whole when adapters outgrow it."""
+        if self._stacked is not None and self._stacked_version == generations.version:
             return self._stacked
         projections = [(p.adapters, p.out_features) for p in self.projection_list]
-        sources = {slot: tuple(_source(p.adapters.get(slot)) for p in self.projection_list) for slot in self._slots}
+        sources = {slot: generations.of(slot) for slot in self._slots}
         if self._stacked is None or not self._stacked.fits(projections):
             self._stacked = StackedLora.build_fused(projections, self.in_features)
         else:
             self._stacked.write(projections, [s for s in sources.keys() | self._stacked_from.keys()
-                                              if sources.get(s) != self._stacked_from.get(s)])
-        self._stacked_from, self._stacked_version = sources, weights_version
+                                              if s in self._changed or sources.get(s) != self._stacked_from.get(s)])
+        self._stacked_from, self._stacked_version = sources, generations.version
+        self._changed.clear()
         return self._stacked
 
-    def tiles(self, segments: LoraSegments, weights_version: int, dtype: torch.dtype | None = None) -> TileWeights:
+    def tiles(self, segments: LoraSegments, generations: AdapterGenerations, dtype: torch.dtype | None = None) -> TileWeights:
         """Each tile's stacked weights (in `dtype`, default the stack's), kept for the next step: from
         one decode step to the next the tiles' slots rarely change, and gathering them costs more
         than the deltas themselves."""
-        key = (weights_version, segments.tile_slot_key, dtype)
+        key = (generations.version, segments.tile_slot_key, dtype)
         if self._tiles is None or self._tiles[0] != key:
-            self._tiles = key, self.stacked(weights_version).tiles(segments, dtype)
+            self._tiles = key, self.stacked(generations).tiles(segments, dtype)
         return self._tiles[1]
 
-    def forward(self, x: torch.Tensor, segments: LoraSegments, builds_graph: bool, weights_version: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: LoraSegments, builds_graph: bool, generations: AdapterGenerations) -> torch.Tensor:
         """x: [T, in] -> y [T, out_features].
 
         builds_graph: rows of adapters being trained; deltas are built from the adapters' own A and
-        B so that autograd reaches them (with dropout). `weights_version` changes whenever any
-        adapter's weights change (it invalidates the stacked copy).
+        B so that autograd reaches them (with dropout). `generations` tells which slots' weights
+        changed since the stacked copy was made (lora/generations.py).
         """
         y = self.base(x, self.weight, self.bias)
         if self._slots.isdisjoint(segments.slots):
@@ -136,18 +142,11 @@ class FusedLoraLinear(nn.Module):
             return add_lora_group(y, x, segments, [p.adapters for p in self.projection_list], self.sizes, training=builds_graph)
         tiled = segments.one_tile_per_segment or len(segments.segments) >= TILED_MIN_SEGMENTS
         if tiled and self._slots.issuperset(segments.slots):
-            tiles = self.tiles(segments, weights_version, segmented_lora.tile_dtype(x))
+            tiles = self.tiles(segments, generations, segmented_lora.tile_dtype(x))
             if segmented_lora.accepts(y, x, tiles.A, tiles.B):
                 return add_lora_native(y, x, segments, tiles.A, tiles.B, tiles.blocks)
             return add_lora_tiled(y, x, segments, tiles)
-        return add_lora_stacked(y, x, segments, self.stacked(weights_version), self._slots)
-
-
-def _source(weights: LoraWeights | None) -> tuple | None:
-    """What a slot's stacked rows depend on: the tensors, their in-place version counters, the scale."""
-    if weights is None:
-        return None
-    return id(weights.A), weights.A._version, id(weights.B), weights.B._version, weights.scale
+        return add_lora_stacked(y, x, segments, self.stacked(generations), self._slots)
 
 
 class MultiLoraLinear(FusedLoraLinear):

@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
+import torch
+
+from loramux.config import ModelConfig
 from loramux.lora.adapter import AdapterError, LoraAdapter, UnknownAdapterError
-from loramux.model.llama import LlamaModel
+from loramux.lora.generations import AdapterGenerations
+from loramux.lora.layer import LoraProjection
+
+
+class AdapterHost(Protocol):
+    """What the registry needs of a model (model/llama.py's LlamaModel): its shape, dtype and
+    device, each projection by (layer, name), and the generations its linears read."""
+
+    config: ModelConfig
+    adapter_generations: AdapterGenerations
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def linear(self, layer_idx: int, name: str) -> LoraProjection: ...
 
 
 class AdapterRegistry:
-    """Owns the name -> slot map. Adding or removing an adapter touches only that adapter's
-    entries in the linears; the base weights are never touched. Slots are reused after removal."""
+    """Owns the name -> slot map and the slots' generations. Adding or removing an adapter touches
+    only that adapter's entries in the linears; the base weights are never touched. Slots are
+    reused after removal; every change to a slot moves its generation (lora/generations.py)."""
 
-    def __init__(self, model: LlamaModel) -> None:
+    def __init__(self, model: AdapterHost) -> None:
         self.model = model
+        self.generations = model.adapter_generations
         self._adapters: dict[str, LoraAdapter] = {}
         self._slots: dict[str, int] = {}
 
@@ -49,7 +73,7 @@ class AdapterRegistry:
         for key in adapter.weights:
             self.model.linear(*key).set_adapter(slot, adapter.layer_weights(key))
         self._adapters[adapter.name], self._slots[adapter.name] = adapter, slot
-        self.mark_updated()
+        self.generations.bump(slot)
         return slot
 
     def remove(self, name: str) -> LoraAdapter:
@@ -57,12 +81,13 @@ class AdapterRegistry:
         adapter, slot = self._adapters.pop(name), self._slots.pop(name)
         for key in adapter.weights:
             self.model.linear(*key).remove_adapter(slot)
-        self.mark_updated()
+        self.generations.bump(slot)
         return adapter
 
-    def mark_updated(self) -> None:
-        """Call after changing any adapter's weights in place (for example an optimizer step)."""
-        self.model.weights_version += 1
+    def mark_updated(self, name: str) -> None:
+        """Call after changing adapter `name`'s weights in place (an optimizer step, a restored
+        checkpoint): the linears' cached copies of that slot are rewritten at the next step."""
+        self.generations.bump(self.slot(name))
 
     def _check_known(self, name: str) -> None:
         if name not in self._adapters:

@@ -23,6 +23,7 @@ from torch import nn
 from loramux.config import LORA_TARGETS, ModelConfig
 from loramux.engine.batch import Batch, BatchPart
 from loramux.kv.paged_cache import PagedKVCache
+from loramux.lora.generations import AdapterGenerations
 from loramux.lora.layer import FusedLoraLinear, LoraProjection, MultiLoraLinear
 from loramux.model.prepacked import FrozenLinear
 from loramux.model.recompute import recomputed
@@ -52,13 +53,14 @@ class RMSNorm(nn.Module):
 
 class StepContext:
     """Per-part values every layer needs, computed once per forward: the part, the KV cache, rotary
-    tables, the adapters' weights version."""
+    tables, the adapters' generations."""
 
-    def __init__(self, part: BatchPart, kv: PagedKVCache | None, cos: torch.Tensor, sin: torch.Tensor, weights_version: int) -> None:
-        self.part, self.kv, self.cos, self.sin, self.weights_version = part, kv, cos, sin, weights_version
+    def __init__(self, part: BatchPart, kv: PagedKVCache | None, cos: torch.Tensor, sin: torch.Tensor,
+                 generations: AdapterGenerations) -> None:
+        self.part, self.kv, self.cos, self.sin, self.generations = part, kv, cos, sin, generations
 
     def linear(self, layer: MultiLoraLinear, x: torch.Tensor) -> torch.Tensor:
-        return layer(x, self.part.lora, self.part.builds_graph, self.weights_version)
+        return layer(x, self.part.lora, self.part.builds_graph, self.generations)
 
 
 def keep_hf_names(parent: nn.Module, fused: str) -> None:
@@ -218,7 +220,8 @@ class Decoder(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """The frozen base model. `weights_version` is bumped by whoever changes adapter weights."""
+    """The frozen base model. `adapter_generations` says which adapter weights changed since the
+    linears cached copies of them; the adapter registry is its only writer."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -227,8 +230,13 @@ class LlamaModel(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", inverse_frequencies(config.rope, config.head_dim), persistent=False)
         self.requires_grad_(False)
-        self.weights_version = 0
+        self.adapter_generations = AdapterGenerations()
         self._lm_head = FrozenLinear()
+
+    @property
+    def weights_version(self) -> int:
+        """Moves whenever any adapter's weights change."""
+        return self.adapter_generations.version
 
     @property
     def dtype(self) -> torch.dtype:
@@ -257,7 +265,7 @@ class LlamaModel(nn.Module):
         # The part's kind decides, whatever the caller's grad mode (not inference_mode, though).
         with torch.set_grad_enabled(part.builds_graph):
             cos, sin = rotary_tables(part.positions, self.inv_freq, self.dtype)
-            ctx = StepContext(part, kv, cos, sin, self.weights_version)
+            ctx = StepContext(part, kv, cos, sin, self.adapter_generations)
             x = self.model.embed_tokens(part.input_ids)
             for layer in self.model.layers:
                 x = layer(x, ctx)
