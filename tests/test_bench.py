@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,16 +23,24 @@ from loramux.bench.workload import Workload, make_requests, training_records
 POOL = list(range(1000, 9000))
 
 
-def test_cpu_of_a_servers_unreaped_workers_counts_as_the_runs_own():
+def test_cpu_of_a_servers_unreaped_workers_counts_as_the_runs_own(tmp_path):
     """A server that starts a busy worker and never waits for it (vLLM's engine process): its CPU
-    time must not make the run look like it shared the machine with other processes."""
-    worker = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
-    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(30)"
-    proc = subprocess.Popen([sys.executable, "-c", leader], start_new_session=True)
-    time.sleep(1.5)
+    time must not make the run look like it shared the machine with other processes. The worker
+    spins until it has used one CPU second (however long that takes on a busy machine), then says
+    so and sleeps."""
+    done = tmp_path / "worker-done"
+    worker = f"import time\nwhile time.process_time() < 1.0: pass\nopen({str(done)!r}, 'w').close()\ntime.sleep(60)"
+    leader = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"
     before = _own_cpu_seconds()
-    stop_session(proc, lambda: (proc.terminate(), proc.wait()))
-    assert _own_cpu_seconds() - before >= 0.8  # the worker's busy second or so, though nobody reaped it
+    proc = subprocess.Popen([sys.executable, "-c", leader], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not done.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "the worker never finished its CPU second"
+            time.sleep(0.05)
+    finally:
+        stop_session(proc, lambda: (os.killpg(proc.pid, signal.SIGKILL), proc.wait()))
+    assert _own_cpu_seconds() - before >= 1.0  # the worker's CPU second, though nobody reaped it
 
 
 def test_workload_is_deterministic_and_sized():
