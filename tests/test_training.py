@@ -178,7 +178,7 @@ def test_events_checkpoints_and_resume_continue_the_same_curve(tiny_engine, tmp_
     """A job stopped after its step-4 checkpoint and resumed in a new engine ends with the weights
     and the loss curve of an uninterrupted run."""
     data, val = reverse_words(24, seed=3), reverse_words(6, seed=4)
-    cfg = TrainingConfig(epochs=2, batch_size=4, learning_rate=1e-3, eval_every=3, checkpoint_every=2, seed=5)
+    cfg = TrainingConfig(epochs=2, batch_size=4, learning_rate=1e-3, eval_every=3, checkpoint_every=2, checkpoint_interval=0, seed=5)
     full_engine = tiny_engine()
     full = full_engine.create_job("r", data, val=val, lora=LORA, training=cfg, checkpoint_dir=tmp_path / "full")
     _run(full_engine)
@@ -191,6 +191,7 @@ def test_events_checkpoints_and_resume_continue_the_same_curve(tiny_engine, tmp_
     part = first.create_job("r", data, val=val, lora=LORA, training=cfg, checkpoint_dir=tmp_path / "cut")
     while part.step < 5:  # one step past the step-4 checkpoint: that work is lost
         first.step()
+    first.trainer.writer.wait_all()  # the step-4 checkpoint is written off the step loop
     assert latest_checkpoint(tmp_path / "cut").name == "step-000004"
     second = tiny_engine()
     resumed = second.create_job("r", data, val=val, lora=LORA, training=cfg, checkpoint_dir=tmp_path / "cut")

@@ -9,25 +9,37 @@
 Every `step()` runs the scheduler, one forward pass over a flat batch of PREFILL and DECODE rows of
 any adapters, samples the next token of every sequence that reached its end, and returns what each
 request produced. Requests join (`add_request`) and leave (finish, `abort`) between any two steps.
+
+Faults stay within what they belong to (see `step`): a failure in one request's sampling or text
+finishes that request with finish_reason "error"; a failure in a training job's part fails that job
+(training/trainer.py); only a failure of the shared forward pass is the whole step's, and even then
+the engine goes on with the next step.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections import Counter
+import logging
 import os
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
 from loramux.engine.batch import Batch, Chunk, RowKind
 from loramux.engine.detokenizer import TextStream
-from loramux.engine.requests import SLO, Request, RequestMetrics, RequestOutput, RequestState
+from loramux.engine.requests import (
+    SLO,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+    RequestState,
+)
 from loramux.engine.sampling import SamplingParams, TokenLogprob, sample_next
-from loramux.engine.scheduler import Scheduler, SchedulerConfig
+from loramux.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.adapter import LoraAdapter, LoraConfig
 from loramux.lora.peft_io import load_peft_adapter, save_peft_adapter
@@ -36,8 +48,15 @@ from loramux.model.loader import LoadedModel, load_model
 from loramux.training.checkpoint import latest_checkpoint, restore_checkpoint
 from loramux.training.config import TrainingConfig
 from loramux.training.data import DataError, Sample, load_samples, parse_jsonl, tokenize
-from loramux.training.job import TrainingJob
+from loramux.training.job import JobSummary, TrainingJob, WorkItem
 from loramux.training.trainer import Trainer
+from loramux.training.writer import Writer
+
+log = logging.getLogger("loramux.engine")
+
+# When a step has nothing to compute but writes are in flight, it waits this long at most for one
+# to finish (the server's loop runs calls between steps, so this bounds their delay too).
+IDLE_WRITE_WAIT = 0.02
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -69,14 +88,25 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt_token_ids: list[int]
-    finish_reason: str  # "stop" (end of sequence, stop token or stop string) or "length"
+    finish_reason: str  # "stop" (end of sequence, stop token or stop string), "length" or "error"
     adapter: str | None
     logprobs: list[TokenLogprob] | None = None
     metrics: RequestMetrics | None = None
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    """writer: the thread that writes jobs' checkpoints and adapters (default: a new one).
+    clock: seconds for training's time-based checkpoints and running times (tests pass a fake)."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: EngineConfig | None = None,
+        *,
+        writer: Writer | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config or EngineConfig()
         self.loaded = loaded
         self.model = loaded.model
@@ -87,7 +117,7 @@ class Engine:
             self.model.config, self.config.kv_cache_memory, self.config.block_size, self.model.dtype, self.model.device
         )
         self.scheduler = Scheduler(self.config.scheduler, self.kv)
-        self.trainer = Trainer(self.model)
+        self.trainer = Trainer(self.model, writer, clock)
         self.requests: dict[str, Request] = {}
         self._order = itertools.count()
         self._sampled_version: int | None = None  # the adapters' weights version of the last step
@@ -170,8 +200,10 @@ class Engine:
         job_id: str | None = None,
     ) -> TrainingJob:
         """Starts fine-tuning `adapter` (new, with `lora`; or a loaded one, to continue it). Data is
-        validated before anything starts. With a checkpoint_dir that holds checkpoints of this job,
-        it resumes from the latest. The adapter serves requests with its latest weights throughout."""
+        validated before anything starts. With a checkpoint_dir, checkpoints are written there as
+        `training` says (TrainingConfig: by default every 10 steps or 60 s), and a job whose
+        checkpoint_dir holds checkpoints resumes from the latest. The adapter serves requests with
+        its latest weights throughout; the job succeeds once its adapter is in output_dir."""
         training = training or TrainingConfig()
         train_samples = self.load_data(train, training.micro_batch_tokens)
         val_samples = self.load_data(val, training.micro_batch_tokens) if val is not None else None
@@ -185,6 +217,7 @@ class Engine:
                 job_id or f"ftjob-{next(self._order)}", self.adapters.get(adapter), train_samples, training,
                 val=val_samples, checkpoint_dir=checkpoint_dir, output_dir=output_dir, base_model=self.model_name,
                 on_weights_changed=lambda: self.adapters.mark_updated(adapter),
+                writer=self.trainer.writer, clock=self.trainer.clock,
             )
             checkpoint = latest_checkpoint(checkpoint_dir)
             if checkpoint is not None:
@@ -197,14 +230,13 @@ class Engine:
             raise
         return job
 
-    def job(self, job_id: str) -> TrainingJob:
-        if job_id not in self.trainer.jobs:
-            raise LookupError(f"unknown job {job_id!r}")
-        return self.trainer.jobs[job_id]
+    def job(self, job_id: str) -> TrainingJob | JobSummary:
+        """A live job, or the summary of a finished one (the trainer keeps the latest 1000)."""
+        return self.trainer.job(job_id)
 
     @property
     def has_work(self) -> bool:
-        """Requests in flight or jobs that still want to train."""
+        """Requests in flight, or jobs that still want to train or have writes in flight."""
         return self.has_unfinished or self.trainer.has_work
 
     # --- prompts --------------------------------------------------------------------------------
@@ -268,13 +300,25 @@ class Engine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancels a request at once: its KV blocks are free before this returns."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
-            return None
+        request = self.requests.get(request_id)
+        return None if request is None else self._finish(request, "abort")
+
+    def fail_request(self, request_id: str, error: str) -> RequestOutput | None:
+        """Finishes a request with finish_reason "error" and `error` as the reason, freeing its blocks."""
+        request = self.requests.get(request_id)
+        return None if request is None else self._finish(request, "error", error)
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> RequestOutput:
+        """Finishes a request that emits nothing more (aborted, or failed)."""
+        self._close(request, reason, time.perf_counter(), error)
+        return RequestOutput(request.id, (), "", True, reason, metrics=request.metrics, error=error)
+
+    def _close(self, request: Request, reason: str, now: float, error: str | None = None) -> None:
+        """A request leaves the engine: its blocks are freed, its finish reason set."""
+        self.requests.pop(request.id, None)
         self.scheduler.remove(request)
-        request.state, request.finish_reason = RequestState.FINISHED, "abort"
-        request.metrics.finished = time.perf_counter()
-        return RequestOutput(request.id, (), "", True, "abort", metrics=request.metrics)
+        request.state, request.finish_reason, request.error = RequestState.FINISHED, reason, error
+        request.metrics.finished = now
 
     @property
     def has_unfinished(self) -> bool:
@@ -283,7 +327,16 @@ class Engine:
     # --- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One forward pass over the scheduled inference rows and as many training rows as the
-        latency targets leave room for; returns what each request that produced a token emitted."""
+        latency targets leave room for; returns what each request that produced a token emitted.
+
+        Where a failure lands: sampling and text of one request finish that request alone
+        (finish_reason "error", the message in `error`); a job's part (its samples, loss, optimizer
+        step, snapshots, writes) fails that job alone. A failure of the forward pass (building the
+        batch, the model, the sampled rows' logits) is every participant's: the step's requests
+        finish with "error" and its jobs fail (they are not retried: a job whose samples break the
+        forward would break every step it joined); the engine is ready for the next step. Errors
+        of the scheduler itself are engine bugs and propagate (the server's loop then fails every
+        request in flight, see server/engine_loop.py)."""
         scheduled = self.scheduler.schedule()
         started, version = time.perf_counter(), self.model.weights_version
         chunks = [
@@ -299,26 +352,34 @@ class Engine:
         row_counts = Counter()
         for chunk in chunks:
             row_counts[chunk.kind] += len(chunk.token_ids)
-        wants_training = self.trainer.has_work
+        wants_training = self.trainer.wants_work
         work = self.trainer.take_work(self.scheduler.training_budget(row_counts)) if wants_training else []
         if not chunks and not work:
             self.scheduler.note_step(0.0, 0, wants_training)  # training's credit still grows
+            if self.trainer.writer.busy:  # only writes to wait for: wait for one, briefly
+                self.trainer.writer.wait_any(timeout=IDLE_WRITE_WAIT)
+            self.trainer.poll()
             return []
-        chunks += [Chunk(item.sample.input_ids, item.kind, self.adapters.slot(item.job.adapter.name)) for item in work]
-        batch = Batch.build(chunks, self.kv, self.model.device)
         sampled = [i for i, c in enumerate(scheduled.chunks) if c.samples]
-        # Without training rows, inference mode (less per-op bookkeeping: 3-6% per decode step);
-        # with them, the model turns autograd on for their part only.
-        with torch.no_grad() if work else torch.inference_mode():
-            hidden = self.model(batch)
-            rows = torch.tensor([batch.chunk_rows[i].stop - 1 for i in sampled], dtype=torch.long, device=hidden.device)
-            logits = self.model.logits(hidden[rows]) if sampled else None
+        try:
+            chunks += [Chunk(item.sample.input_ids, item.kind, self.adapters.slot(item.job.adapter.name)) for item in work]
+            batch = Batch.build(chunks, self.kv, self.model.device)
+            # Without training rows, inference mode (less per-op bookkeeping: 3-6% per decode step);
+            # with them, the model turns autograd on for their part only.
+            with torch.no_grad() if work else torch.inference_mode():
+                hidden = self.model(batch)
+                rows = torch.tensor([batch.chunk_rows[i].stop - 1 for i in sampled], dtype=torch.long, device=hidden.device)
+                logits = self.model.logits(hidden[rows]) if sampled else None
+            argmaxes = logits.max(-1).indices.tolist() if sampled else []  # first of ties, as argmax; 2.5x faster
+        except Exception as e:
+            log.exception("the forward pass of a step failed")
+            return self._fail_step(scheduled.chunks, work, f"the step's forward pass failed: {type(e).__name__}: {e}")
         if work:
             self.trainer.apply(hidden, batch.chunk_rows[len(scheduled.chunks) :], work)
         for c in scheduled.chunks:
             c.request.num_computed = c.end
-        argmaxes = logits.max(-1).indices.tolist() if sampled else []  # first of ties, as argmax; 2.5x faster
-        outputs = [self._append_token(scheduled.chunks[i].request, logits[j], argmaxes[j]) for j, i in enumerate(sampled)]
+        outputs = [self._sample(scheduled.chunks[i].request, logits[j], argmaxes[j]) for j, i in enumerate(sampled)]
+        self.trainer.poll()
         for item in work:
             row_counts[item.kind] += len(item.sample)
         seconds = time.perf_counter() - started
@@ -329,6 +390,21 @@ class Engine:
             self.scheduler.cost.record(row_counts, seconds)
         self._sampled_version = version
         return outputs
+
+    def _fail_step(self, chunks: list[ScheduledChunk], work: list[WorkItem], error: str) -> list[RequestOutput]:
+        """The forward pass failed: the step's requests finish with `error`, its jobs fail."""
+        self.trainer.fail_all(work, error)
+        self.trainer.poll()
+        requests = {c.request.id: c.request for c in chunks}
+        return [self._finish(r, "error", error) for r in requests.values() if r.id in self.requests]
+
+    def _sample(self, request: Request, logits: torch.Tensor, argmax: int) -> RequestOutput:
+        """The request's next token and text; a failure there finishes this request alone."""
+        try:
+            return self._append_token(request, logits, argmax)
+        except Exception as e:
+            log.exception("request %s failed while sampling its next token", request.id)
+            return self._finish(request, "error", f"sampling or decoding the next token failed: {type(e).__name__}: {e}")
 
     def _append_token(self, request: Request, logits: torch.Tensor, argmax: int) -> RequestOutput:
         params = request.params
@@ -352,10 +428,7 @@ class Engine:
                 reason = "length"
         if reason is not None:
             new_text += request.text.finish()
-            request.state, request.finish_reason = RequestState.FINISHED, reason
-            request.metrics.finished = now
-            self.scheduler.remove(request)
-            self.requests.pop(request.id, None)
+            self._close(request, reason, now)
         return RequestOutput(
             request.id, (token,), new_text, reason is not None, reason,
             (logprob,) if logprob is not None else (), request.metrics,
@@ -423,4 +496,5 @@ class Engine:
             adapter=request.adapter,
             logprobs=logprobs,
             metrics=request.metrics,
+            error=request.error,
         )

@@ -60,7 +60,8 @@ class RequestMetrics:
 @dataclass(frozen=True)
 class RequestOutput:
     """What one step produced for one request: the new tokens and text, and, when it finished, why.
-    finish_reason: "stop" (end of sequence, stop token or stop string), "length" or "abort"."""
+    finish_reason: "stop" (end of sequence, stop token or stop string), "length", "abort" (cancelled
+    by its caller) or "error" (the request failed; `error` says why, and the output ends there)."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
@@ -69,6 +70,7 @@ class RequestOutput:
     finish_reason: str | None = None
     new_logprobs: tuple[TokenLogprob, ...] = ()
     metrics: RequestMetrics | None = None
+    error: str | None = None
 
 
 @dataclass(eq=False)
@@ -92,6 +94,7 @@ class Request:
     num_computed: int = 0
     state: RequestState = RequestState.WAITING
     finish_reason: str | None = None
+    error: str | None = None  # the message, when finish_reason is "error"
 
     @property
     def priority(self) -> tuple[float, int]:

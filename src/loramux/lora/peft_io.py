@@ -2,7 +2,7 @@
 
 Keys look like `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A: [r, in],
 B: [out, r]). Loading validates everything before returning, so a refused adapter is never half
-loaded. Saving writes a sibling temporary directory, fsyncs it and renames it into place.
+loaded. Saving is atomic (loramux.atomic): a temporary sibling, fsynced, renamed into place.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from loramux.atomic import replace_dir_atomic, write_file_atomic
 from loramux.config import ATTENTION_LINEARS, LORA_TARGETS, ModelConfig
 from loramux.lora.adapter import AdapterError, LoraAdapter, LoraConfig
 
@@ -127,8 +127,29 @@ def _weights_from_keys(state: dict[str, torch.Tensor], directory: Path) -> dict[
     return {k: (v["A"], v["B"]) for k, v in sorted(halves.items())}
 
 
-def write_peft_files(adapter: LoraAdapter, directory: Path, base_model: str = "") -> None:
-    """Writes the two PEFT files into an existing directory and fsyncs them (not atomic by itself)."""
+@dataclass(frozen=True)
+class PeftFiles:
+    """An adapter's two PEFT files in memory: the config and CPU copies of the weights under PEFT's
+    key names. Made on the thread that owns the adapter (`peft_files`); writing it (`write`) then
+    needs no access to the live tensors, so it can run on a writer thread while training goes on."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+    def write(self, directory: Path) -> None:
+        """Writes the two files into `directory` (no fsync: the atomic helpers that call it do)."""
+        self.write_weights(directory / WEIGHTS_FILE)
+        self.write_config(directory / CONFIG_FILE)
+
+    def write_weights(self, path: Path) -> None:
+        save_file(self.tensors, path, metadata={"format": "pt"})
+
+    def write_config(self, path: Path) -> None:
+        path.write_text(json.dumps(self.config, indent=2))
+
+
+def peft_files(adapter: LoraAdapter, base_model: str = "") -> PeftFiles:
+    """A snapshot of `adapter` as PEFT files: its weights cloned to the CPU (contiguous)."""
     c = adapter.config
     config = {
         "peft_type": "LORA",
@@ -149,45 +170,27 @@ def write_peft_files(adapter: LoraAdapter, directory: Path, base_model: str = ""
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    state = {}
+    tensors = {}
     for (layer, module), (A, B) in adapter.weights.items():
         group = "self_attn" if module in ATTENTION_LINEARS else "mlp"
         prefix = f"base_model.model.model.layers.{layer}.{group}.{module}"
-        state[f"{prefix}.lora_A.weight"] = A.detach().to("cpu").contiguous()
-        state[f"{prefix}.lora_B.weight"] = B.detach().to("cpu").contiguous()
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    _fsync_dir(directory)
+        tensors[f"{prefix}.lora_A.weight"] = A.detach().to("cpu", copy=True).contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = B.detach().to("cpu", copy=True).contiguous()
+    return PeftFiles(config, tensors)
 
 
 def save_peft_adapter(adapter: LoraAdapter, path: str | os.PathLike, base_model: str = "") -> Path:
-    """Writes `adapter` in PEFT's format to `path`. A new directory appears whole (temporary
-    sibling, fsync, rename); in an existing one each file is replaced atomically, weights first,
-    and anything else there (checkpoints, say) is left alone."""
+    """Writes `adapter` in PEFT's format to `path` (see `write_peft_dir`)."""
+    return write_peft_dir(peft_files(adapter, base_model), path)
+
+
+def write_peft_dir(files: PeftFiles, path: str | os.PathLike) -> Path:
+    """Writes PEFT files to `path`. A new directory appears whole (`replace_dir_atomic`); in an
+    existing one each file is replaced atomically, weights first, and anything else there
+    (checkpoints, say) is left alone."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write_peft_files(adapter, tmp, base_model)
-        if target.is_dir():
-            for name in (WEIGHTS_FILE, CONFIG_FILE):
-                os.replace(tmp / name, target / name)
-            _fsync_dir(target)
-        else:
-            tmp.rename(target)
-        _fsync_dir(target.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not target.is_dir():
+        return replace_dir_atomic(target, files.write)
+    write_file_atomic(target / WEIGHTS_FILE, files.write_weights)
+    write_file_atomic(target / CONFIG_FILE, files.write_config)
     return target
-
-
-def _fsync_dir(directory: Path) -> None:
-    for f in directory.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,6 +11,11 @@ on (asyncio.to_thread's) leaves a team behind and slows every later step as much
 
 Handlers `await loop.call(fn)` to run `fn(engine)` between steps, and receive a request's outputs
 on an asyncio queue fed from the engine's thread.
+
+`Engine.step` keeps its faults to what they belong to (a request, a job, the step's forward pass)
+and reports them as outputs with finish_reason "error". An exception that still escapes a step is
+an engine bug: it is logged, every request in flight finishes with finish_reason "error" and the
+exception's message (their state cannot be trusted any more), and the loop goes on.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import asyncio
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any
 
 from loramux.engine.engine import Engine
 from loramux.engine.requests import RequestOutput
@@ -84,11 +90,14 @@ class EngineLoop:
             if self.engine.has_work:
                 try:
                     outputs = self.engine.step()
-                except Exception:  # a bug must not kill the server: fail the step's requests
+                except Exception as e:  # an engine bug must not kill the server
                     log.exception("engine step failed")
-                    outputs = self._abort_all()
+                    outputs = self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
                 self._deliver(outputs)
-                self.on_step(self.engine)
+                try:
+                    self.on_step(self.engine)
+                except Exception:  # bookkeeping (the store, metrics) failing must not stop serving
+                    log.exception("after-step bookkeeping failed")
 
     def _execute(self, fn: Callable[[Engine], Any], future: Future) -> None:
         if not future.set_running_or_notify_cancel():
@@ -98,8 +107,8 @@ class EngineLoop:
         except BaseException as e:  # handed back to the caller
             future.set_exception(e)
 
-    def _abort_all(self) -> list[RequestOutput]:
-        return [out for rid in list(self.engine.requests) if (out := self.engine.abort(rid)) is not None]
+    def _fail_all(self, error: str) -> list[RequestOutput]:
+        return [out for rid in list(self.engine.requests) if (out := self.engine.fail_request(rid, error)) is not None]
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Puts a step's outputs on their listeners' queues: one wake-up per event loop per step,

@@ -4,12 +4,19 @@ A job record (OpenAI's `fine_tuning.job` object) is written when the job is crea
 from the engine thread after every step (`sync`): status, events, checkpoints, and on success the
 fine-tuned model, which is then in the adapter catalog. After a restart, `recover` reloads the
 catalog's adapters and restarts unfinished jobs, which resume from their latest checkpoint.
+
+Jobs checkpoint by default (TrainingConfig's checkpoint_every and checkpoint_interval, unless the
+request sets them), so a crash loses at most a few steps or a minute of training. The service
+tracks only live jobs, each with its record held in memory: a step's `sync` costs one pass over
+the live jobs and writes only what changed, however many jobs ran before; a job's last sync (its
+final state) drops it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from loramux.engine.engine import Engine
@@ -27,13 +34,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("loramux.server")
 DEFAULTS = {"n_epochs": 3, "batch_size": 8, "learning_rate": 2e-4}
 UNFINISHED = ("validating_files", "queued", "running", "paused")
+# `training` fields whose default is the engine's (TrainingConfig's), applied when a request leaves them unset.
+ENGINE_DEFAULTS = ("checkpoint_every", "checkpoint_interval")
+
+
+@dataclass
+class _Live:
+    """A running job, its store record as last written, and how much of it the store has."""
+
+    job: TrainingJob
+    record: dict
+    events_synced: int = 0
+    checkpoints_synced: int = 0
 
 
 class JobService:
     def __init__(self, engine: Engine, store: Store, metrics: Metrics) -> None:
         self.engine, self.store, self.metrics = engine, store, metrics
-        self._events_synced: dict[str, int] = {}
-        self._checkpoints_synced: dict[str, int] = {}
+        self._live: dict[str, _Live] = {}
 
     async def create(self, body: FineTuningJobRequest, loop: EngineLoop) -> dict:
         job_id = new_id("ftjob")
@@ -49,7 +67,7 @@ class JobService:
             },
             "trained_tokens": None, "error": None, "seed": body.seed if body.seed is not None else 0,
             "user_provided_suffix": body.suffix, "estimated_finish": None, "integrations": [],
-            "lora": body.lora.model_dump(), "training": body.training.model_dump(),
+            "lora": body.lora.model_dump(), "training": _training_options(body),
             "adapter_name": f"ft:{body.model}:{body.suffix or 'loramux'}:{job_id[-8:]}",
         }
         self.store.put_job(record)
@@ -68,6 +86,7 @@ class JobService:
             seed=record["seed"], max_steps=extra["max_steps"], gradient_accumulation=extra["gradient_accumulation"],
             lr_schedule=extra["lr_schedule"], warmup_steps=extra["warmup_steps"], weight_decay=extra["weight_decay"],
             eval_every=extra["eval_every"], checkpoint_every=extra["checkpoint_every"],
+            checkpoint_interval=extra.get("checkpoint_interval", TrainingConfig.checkpoint_interval),
         )
         targets = lora["target_modules"]
         config = LoraConfig(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
@@ -80,6 +99,7 @@ class JobService:
         )
         record["status"] = "running"
         self.store.put_job(record)
+        self._live[job.id] = _Live(job, record)
         return job
 
     def _adapter_dir(self, record: dict):
@@ -91,8 +111,8 @@ class JobService:
 
     async def cancel(self, job_id: str, loop: EngineLoop) -> dict:
         def cancel(engine: Engine) -> None:
-            if job_id in engine.trainer.jobs:
-                engine.job(job_id).cancel()
+            if job_id in self._live:
+                self._live[job_id].job.cancel()
                 self.sync()
 
         await loop.call(cancel)
@@ -117,12 +137,11 @@ class JobService:
                 self._fail(record, f"could not resume after restart: {e}")
 
     def sync(self) -> None:
-        """Mirrors engine jobs into the store (engine thread, after every step)."""
-        for job in list(self.engine.trainer.jobs.values()):
-            record = self.store.get_job(job.id)
-            if record is None or record["status"] not in UNFINISHED:
-                continue
-            changed = self._sync_events(job) | self._sync_checkpoints(job, record)
+        """Mirrors the live jobs into the store (engine thread, after every step); a job that
+        reached a final state is synced one last time and dropped."""
+        for live in list(self._live.values()):
+            job, record = live.job, live.record
+            changed = self._sync_events(live) | self._sync_checkpoints(live)
             status = "running" if job.state is JobState.QUEUED else job.state.value
             if status != record["status"] or changed:
                 record["status"] = status
@@ -131,6 +150,8 @@ class JobService:
                     record["finished_at"] = int(time.time())
                     self._finish(job, record)
                 self.store.put_job(record)
+            if job.state.is_final:
+                del self._live[job.id]
 
     def _finish(self, job: TrainingJob, record: dict) -> None:
         name = record["adapter_name"]
@@ -145,19 +166,19 @@ class JobService:
         except (LookupError, ValueError) as e:
             log.warning("adapter %s of job %s stays loaded: %s", name, job.id, e)
 
-    def _sync_events(self, job: TrainingJob) -> bool:
-        start = self._events_synced.get(job.id, 0)
+    def _sync_events(self, live: _Live) -> bool:
+        job, start = live.job, live.events_synced
         for event in job.events[start:]:
             self.store.add_event(job.id, {
                 "id": new_id("ftevent"), "object": "fine_tuning.job.event", "created_at": int(event.created_at),
                 "level": "error" if "failed" in event.message else "info", "message": event.message,
                 "data": event.data, "type": "metrics" if "train_loss" in event.data or "eval_loss" in event.data else "message",
             })
-        self._events_synced[job.id] = len(job.events)
+        live.events_synced = len(job.events)
         return len(job.events) > start
 
-    def _sync_checkpoints(self, job: TrainingJob, record: dict) -> bool:
-        start = self._checkpoints_synced.get(job.id, 0)
+    def _sync_checkpoints(self, live: _Live) -> bool:
+        job, start = live.job, live.checkpoints_synced
         for path in job.checkpoints[start:]:
             step = int(path.name.split("-")[1])
             self.store.add_checkpoint(job.id, {
@@ -165,5 +186,15 @@ class JobService:
                 "fine_tuned_model_checkpoint": str(path), "step_number": step, "fine_tuning_job_id": job.id,
                 "metrics": {"step": step, "train_loss": job.last_train_loss, "valid_loss": job.last_eval_loss},
             })
-        self._checkpoints_synced[job.id] = len(job.checkpoints)
+        live.checkpoints_synced = len(job.checkpoints)
         return len(job.checkpoints) > start
+
+
+def _training_options(body: FineTuningJobRequest) -> dict:
+    """The request's `training` options, with TrainingConfig's defaults for the checkpoint options
+    the client did not set: so jobs checkpoint by default whatever the schema's defaults say."""
+    options = body.training.model_dump()
+    for name in ENGINE_DEFAULTS:
+        if name not in body.training.model_fields_set:
+            options[name] = getattr(TrainingConfig, name)
+    return options

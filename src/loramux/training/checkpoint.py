@@ -4,22 +4,29 @@
         adapter_config.json, adapter_model.safetensors   (loads as an adapter anywhere)
         trainer_state.pt                                 (optimizer, step, RNG, data fingerprint)
 
-A checkpoint directory appears complete or not at all (temporary sibling, fsync, rename).
+A checkpoint is taken in two halves: `CheckpointSnapshot.take` copies the adapter and the trainer
+state on the engine thread, at an optimizer-step boundary; `write` puts the copy on disk (on the
+writer thread, training meanwhile going on) as one directory that appears complete or not at all
+(`loramux.atomic.replace_dir_atomic`).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from loramux.atomic import replace_dir_atomic
 from loramux.config import ModelConfig
-from loramux.lora.peft_io import load_peft_adapter, write_peft_files
+from loramux.lora.peft_io import (
+    PeftFiles,
+    load_peft_adapter,
+    peft_files,
+    write_peft_dir,
+)
 
 if TYPE_CHECKING:
     from loramux.training.job import TrainingJob
@@ -28,27 +35,48 @@ STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
-def save_checkpoint(job: TrainingJob, directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"step-{job.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=directory))
-    try:
-        write_peft_files(job.adapter, tmp)
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(job.state_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+@dataclass(frozen=True)
+class CheckpointSnapshot:
+    """A job's adapter and trainer state at optimizer step `step`, copied away from the live tensors."""
+
+    directory: Path
+    step: int
+    adapter: PeftFiles
+    trainer_state: dict
+
+    @classmethod
+    def take(cls, job: TrainingJob, directory: Path) -> CheckpointSnapshot:
+        return cls(directory, job.step, peft_files(job.adapter, job.base_model), job.state_dict())
+
+    @property
+    def label(self) -> str:
+        return f"checkpoint at step {self.step}"
+
+    def write(self) -> Path:
+        def fill(tmp: Path) -> None:
+            self.adapter.write(tmp)
+            torch.save(self.trainer_state, tmp / STATE_FILE)
+
+        return replace_dir_atomic(self.directory / f"step-{self.step:06d}", fill)
+
+
+@dataclass(frozen=True)
+class AdapterSnapshot:
+    """A job's final adapter, to be written in PEFT's format to `directory` (its output_dir)."""
+
+    directory: Path
+    adapter: PeftFiles
+
+    @classmethod
+    def take(cls, job: TrainingJob, directory: Path) -> AdapterSnapshot:
+        return cls(directory, peft_files(job.adapter, job.base_model))
+
+    @property
+    def label(self) -> str:
+        return f"the adapter to {self.directory}"
+
+    def write(self) -> Path:
+        return write_peft_dir(self.adapter, self.directory)
 
 
 def latest_checkpoint(directory: str | Path | None) -> Path | None:

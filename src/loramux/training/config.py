@@ -14,9 +14,15 @@ class TrainingConfig:
     (fewer when serving leaves less room). The loss is the mean over the target tokens of the whole
     optimizer batch, however the batch is spread over engine steps.
 
-    max_steps, when set, overrides epochs. eval_every / checkpoint_every count optimizer steps (0:
-    only at the end / never). The learning rate warms up linearly over warmup_steps (step s < warmup
-    gets (s + 1) / warmup of it), then follows `lr_schedule` toward 0 as transformers' schedules do:
+    max_steps, when set, overrides epochs. eval_every counts optimizer steps (0: only at the end).
+
+    Checkpoints (of a job with a checkpoint directory) are on by default: one is taken after an
+    optimizer step once `checkpoint_every` steps or `checkpoint_interval` seconds of training have
+    passed since the last (whichever comes first), and one after the last step, so that a crash
+    loses at most that much training. 0 turns either trigger off; both 0 turn checkpoints off.
+
+    The learning rate warms up linearly over warmup_steps (step s < warmup gets (s + 1) / warmup
+    of it), then follows `lr_schedule` toward 0 as transformers' schedules do:
     linear gives step s of T the share (T - s) / (T - warmup); cosine the cosine of that progress."""
 
     epochs: int = 3
@@ -31,7 +37,8 @@ class TrainingConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     eval_every: int = 0
-    checkpoint_every: int = 0
+    checkpoint_every: int = 10
+    checkpoint_interval: float = 60.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -46,6 +53,7 @@ class TrainingConfig:
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm must be positive, got {self.max_grad_norm}"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
+            (self.checkpoint_interval >= 0, f"checkpoint_interval must be >= 0 seconds, got {self.checkpoint_interval}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -2,27 +2,39 @@
 
 The engine asks a running job for work (`take`), runs it inside a step beside everyone else's rows,
 and reports back (`complete`). The job steps its optimizer when its optimizer batch is done, runs
-evaluation and writes checkpoints on schedule, and finishes after its last step.
+evaluation and takes checkpoints on schedule, and finishes after its last step.
 
 States: queued -> running <-> paused -> succeeded | failed | cancelled.
+
+Checkpoints and the final adapter are snapshots handed to the trainer's `Writer`: the disk work
+runs on the writer thread, and `poll_writes` (engine thread, every step) takes the results in. A
+job succeeds only once its final adapter (and any checkpoint still in flight) is on disk; a failed
+write fails the job. A job that fails for any reason (a write, a non-finite loss or gradient, an
+error in its part of a step) keeps the weights of its last optimizer step, which stay finite.
+Reaching a final state frees what training needed (optimizer state, gradients, data).
 """
 
 from __future__ import annotations
 
+import copy
 import enum
+import hashlib
 import math
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from loramux.engine.batch import RowKind
 from loramux.lora.adapter import LoraAdapter
+from loramux.training.checkpoint import AdapterSnapshot, CheckpointSnapshot
 from loramux.training.config import TrainingConfig
 from loramux.training.data import Sample
 from loramux.training.optim import learning_rate, make_optimizer
+from loramux.training.writer import Snapshot, Writer
 
 
 class JobState(enum.Enum):
@@ -59,7 +71,26 @@ class WorkItem:
     weight: float
 
 
+@dataclass(frozen=True)
+class JobSummary:
+    """What remains of a finished job in the trainer: its outcome, without its adapter, optimizer or data."""
+
+    id: str
+    adapter_name: str
+    state: JobState
+    step: int
+    total_steps: int
+    train_tokens: int
+    last_train_loss: float | None
+    last_eval_loss: float | None
+    error: str | None
+    checkpoints: tuple[Path, ...]
+
+
 class TrainingJob:
+    """writer: where checkpoints and the final adapter are written (off the engine thread).
+    clock: seconds, for `checkpoint_interval` and the job's running time; tests pass a fake one."""
+
     def __init__(
         self,
         job_id: str,
@@ -67,11 +98,13 @@ class TrainingJob:
         train: list[Sample],
         config: TrainingConfig,
         *,
+        writer: Writer,
         val: list[Sample] | None = None,
         checkpoint_dir: str | Path | None = None,
         output_dir: str | Path | None = None,
         base_model: str = "",
         on_weights_changed: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not train:
             raise ValueError("a job needs at least one training sample")
@@ -83,10 +116,12 @@ class TrainingJob:
         self.output_dir = Path(output_dir) if output_dir else None
         self.base_model = base_model
         self.on_weights_changed = on_weights_changed
+        self.writer = writer
+        self.clock = clock
         self.steps_per_epoch = math.ceil(len(train) / config.samples_per_step)
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.params = adapter.requires_grad_(True).parameters()
-        self.optimizer = make_optimizer(self.params, config)
+        self.optimizer: torch.optim.AdamW | None = make_optimizer(self.params, config)
         self.dropout_generator = adapter.dropout_generator.manual_seed(config.seed)
         self.state = JobState.QUEUED
         self.error: str | None = None
@@ -107,12 +142,17 @@ class TrainingJob:
         self._eval_loss = 0.0
         self._eval_tokens = 0
         self._eval_pending = 0
+        self._writes: list[tuple[Snapshot, Future]] = []  # submitted, results not yet taken in
+        self._finishing = False  # trained to the end; waiting for its writes before succeeding
+        self._last_checkpoint_step = 0
+        self._last_checkpoint_at = 0.0
 
     # --- state machine --------------------------------------------------------------------------
     def start(self) -> None:
+        self._last_checkpoint_step, self._last_checkpoint_at = self.step, self.clock()
         self._transition(JobState.RUNNING, "job started")
         if self.step >= self.total_steps:  # resumed from its final checkpoint
-            self._succeed()
+            self._finish()
         else:
             self._new_batch()
 
@@ -125,38 +165,86 @@ class TrainingJob:
             self._transition(JobState.RUNNING, "job resumed")
 
     def cancel(self) -> None:
+        """Stops the job; writes already handed to the writer still complete, unrecorded."""
         if not self.state.is_final:
             self._transition(JobState.CANCELLED, "job cancelled")
 
-    def _succeed(self) -> None:
-        if self.output_dir is not None:
-            from loramux.lora.peft_io import save_peft_adapter
-
-            save_peft_adapter(self.adapter, self.output_dir, self.base_model)
-            self.emit(f"adapter written to {self.output_dir}", output_dir=str(self.output_dir))
-        self._transition(JobState.SUCCEEDED, "job succeeded")
-
     def fail(self, error: str) -> None:
+        """Fails the job with `error`. A job already in a final state keeps it: a second fault in the
+        same step (another of its samples, say) does not overwrite the first."""
+        if self.state.is_final:
+            return
         self.error = error
         self._transition(JobState.FAILED, f"job failed: {error}")
 
+    def _finish(self) -> None:
+        """Training is done: write the final adapter (if there is an output_dir); succeed once written."""
+        self._finishing = True
+        if self.output_dir is not None:
+            self._submit(AdapterSnapshot.take(self, self.output_dir))
+        self._succeed_if_written()
+
+    def _succeed_if_written(self) -> None:
+        if self._finishing and not self._writes and self.state is JobState.RUNNING:
+            self._transition(JobState.SUCCEEDED, "job succeeded")
+
     def _transition(self, state: JobState, message: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if self._resumed_at is not None:
             self._running_seconds += now - self._resumed_at
         self._resumed_at = now if state is JobState.RUNNING else None
-        if state.is_final:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.adapter.requires_grad_(False)
         self.state = state
+        if state.is_final:
+            self._release()
         self.emit(message, state=state.value)
+
+    def _release(self) -> None:
+        """Frees what only training needs: gradients, optimizer state, data, the results of writes
+        still in flight (a failed or cancelled job ignores them). The adapter stays as it is."""
+        for t in self.params:
+            t.grad = None
+        self.adapter.requires_grad_(False)
+        self.optimizer = None
+        self.train, self.val = [], []
+        self._batch, self._eval_queue, self._writes = [], [], []
+
+    def summary(self) -> JobSummary:
+        return JobSummary(
+            self.id, self.adapter.name, self.state, self.step, self.total_steps, self.train_tokens,
+            self.last_train_loss, self.last_eval_loss, self.error, tuple(self.checkpoints),
+        )
+
+    # --- writes -----------------------------------------------------------------------------------
+    def _submit(self, snapshot: Snapshot) -> None:
+        self._writes.append((snapshot, self.writer.submit(snapshot)))
+
+    @property
+    def writes_pending(self) -> bool:
+        return bool(self._writes)
+
+    def poll_writes(self) -> None:
+        """Engine thread: takes in the writes that finished, in order. A failed one fails the job;
+        the last one of a finished job lets it succeed."""
+        while self._writes and self._writes[0][1].done():
+            snapshot, future = self._writes.pop(0)
+            error = future.exception()
+            if error is not None:
+                self.fail(f"writing {snapshot.label} failed: {error}")
+                return
+            path = future.result()
+            if isinstance(snapshot, CheckpointSnapshot):
+                self.checkpoints.append(path)
+                self.emit(f"checkpoint written at step {snapshot.step}", step=snapshot.step, checkpoint=str(path))
+            else:
+                self.emit(f"adapter written to {path}", output_dir=str(path))
+        self._succeed_if_written()
 
     def emit(self, message: str, **data) -> None:
         self.events.append(JobEvent(time.time(), message, data))
 
     @property
     def running_seconds(self) -> float:
-        extra = time.monotonic() - self._resumed_at if self._resumed_at is not None else 0.0
+        extra = self.clock() - self._resumed_at if self._resumed_at is not None else 0.0
         return self._running_seconds + extra
 
     # --- data order -------------------------------------------------------------------------------
@@ -176,7 +264,7 @@ class TrainingJob:
     # --- work -------------------------------------------------------------------------------------
     @property
     def wants_work(self) -> bool:
-        if self.state is not JobState.RUNNING:
+        if self.state is not JobState.RUNNING or self._finishing:
             return False
         if self._eval_pending:
             return bool(self._eval_queue)
@@ -204,8 +292,14 @@ class TrainingJob:
         return items
 
     def complete(self, item: WorkItem, loss_sum: float) -> None:
-        """loss_sum: the sample's summed token losses (already multiplied by its weight for TRAIN)."""
+        """loss_sum: the sample's summed token losses (already multiplied by its weight for TRAIN).
+        A non-finite loss fails the job before its optimizer step can spread it into the weights."""
         if self.state.is_final:
+            return
+        if not math.isfinite(loss_sum):
+            what = "training" if item.kind is RowKind.TRAIN else "evaluation"
+            self.fail(f"the {what} loss is not finite ({loss_sum}) in optimizer step {self.step + 1}; "
+                      f"the adapter keeps its weights of step {self.step}")
             return
         if item.kind is RowKind.EVAL:
             self._eval_loss += loss_sum
@@ -224,9 +318,14 @@ class TrainingJob:
         lr = learning_rate(self.config, self.step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = None
         if self.config.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.get_total_norm([t.grad for t in self.params if t.grad is not None]))
+        if not math.isfinite(grad_norm):
+            self.fail(f"the gradients are not finite (norm {grad_norm}) in optimizer step {self.step + 1}; "
+                      f"the adapter keeps its weights of step {self.step}")
+            return
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.on_weights_changed()
@@ -240,19 +339,32 @@ class TrainingJob:
             eta_seconds=seconds / self.step * (self.total_steps - self.step),
         )
         finished = self.step >= self.total_steps
-        if self.config.checkpoint_every and self.checkpoint_dir and (self.step % self.config.checkpoint_every == 0 or finished):
-            from loramux.training.checkpoint import save_checkpoint
-
-            path = save_checkpoint(self, self.checkpoint_dir)
-            self.checkpoints.append(path)
-            self.emit(f"checkpoint written at step {self.step}", step=self.step, checkpoint=str(path))
+        if self._checkpoint_due(finished):
+            self._submit(CheckpointSnapshot.take(self, self.checkpoint_dir))
+            self._last_checkpoint_step, self._last_checkpoint_at = self.step, self.clock()
         if self.val and ((self.config.eval_every and self.step % self.config.eval_every == 0) or finished):
             self._start_eval()
         elif finished:
-            self._succeed()
+            self._finish()
             return
         if not finished:
             self._new_batch()
+
+    def _checkpoint_due(self, finished: bool) -> bool:
+        """After an optimizer step: `checkpoint_every` steps or `checkpoint_interval` seconds since the
+        last checkpoint, and always after the last step (when either is on). While a checkpoint is
+        still being written, the next one waits (a slow disk does not pile snapshots up in memory);
+        the final one never waits."""
+        every, interval = self.config.checkpoint_every, self.config.checkpoint_interval
+        if self.checkpoint_dir is None or not (every or interval):
+            return False
+        if finished:
+            return True
+        if any(isinstance(snapshot, CheckpointSnapshot) and not future.done() for snapshot, future in self._writes):
+            return False
+        return bool(every and self.step - self._last_checkpoint_step >= every) or bool(
+            interval and self.clock() - self._last_checkpoint_at >= interval
+        )
 
     def _start_eval(self) -> None:
         self._eval_queue = list(self.val)
@@ -263,15 +375,16 @@ class TrainingJob:
         self.last_eval_loss = self._eval_loss / max(self._eval_tokens, 1)
         self.emit(f"step {self.step}: eval loss {self.last_eval_loss:.4f}", step=self.step, eval_loss=self.last_eval_loss)
         if self.step >= self.total_steps:
-            self._succeed()
+            self._finish()
 
     # --- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The trainer state, copied: later optimizer steps do not change the returned tensors."""
         return {
             "step": self.step,
             "train_tokens": self.train_tokens,
             "running_seconds": self.running_seconds,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "dropout_rng": self.dropout_generator.get_state(),
             "data_fingerprint": self.data_fingerprint(),
         }
@@ -286,8 +399,6 @@ class TrainingJob:
         self.dropout_generator.set_state(state["dropout_rng"])
 
     def data_fingerprint(self) -> str:
-        import hashlib
-
         h = hashlib.sha256(repr((self.config.seed, self.config.samples_per_step, len(self.train))).encode())
         for s in self.train:
             h.update(repr(s.input_ids).encode())
