@@ -91,3 +91,13 @@ def test_unknown_adapter_and_bad_params_are_refused():
     assert unknown.returncode == 2 and "unknown adapter 'nope'" in unknown.stderr and "Traceback" not in unknown.stderr
     bad_top_p = _cli("generate", "--prompt", "hi", "--top-p", "0")
     assert bad_top_p.returncode == 2 and "top_p" in bad_top_p.stderr
+
+
+def test_client_commands_refuse_on_one_line(tmp_path):
+    """Against a server: an unreadable training file is refused before any request, and an
+    unreachable server is named (nothing listens on port 9)."""
+    absent = _cli("finetune", "--data", str(tmp_path / "absent.jsonl"), "--name", "x", "--server", "http://127.0.0.1:9")
+    assert absent.returncode == 2 and "cannot read" in absent.stderr and "Traceback" not in absent.stderr
+    unreachable = _cli("adapters", "list", "--server", "http://127.0.0.1:9")
+    assert unreachable.returncode == 2 and "cannot reach http://127.0.0.1:9/v1" in unreachable.stderr
+    assert len(unreachable.stderr.strip().splitlines()) == 1

@@ -1,26 +1,44 @@
-"""loramux: fine-tune and serve many LoRA adapters on one shared base LLM, in the same forward passes."""
+"""loramux: fine-tune and serve many LoRA adapters on one shared base LLM, in the same forward passes.
 
-import os
+The public names below are imported on first use (PEP 562), so that `import loramux` loads neither
+torch nor transformers and the `loramux` command starts fast for commands that need neither
+(`--help`, the client commands of a running server). `from loramux import Engine` works as usual.
+Importing loramux changes nothing process-wide in its host (no environment variables, no global
+settings); the `loramux` command alone sets what it needs (see `loramux.cli.main`).
+"""
 
-# CPU tensors of 2 MB and more on transparent huge pages, 2 MB-aligned (torch reads this at its first
-# CPU allocation, so it applies where loramux is imported before torch, as in the `loramux`
-# command; set it to 0 to opt out). Large activations then come from and go back to the operating
-# system whole instead of fragmenting the C heap: a fine-tuning step's peak memory falls by about
-# 200 MB of 1.7 GB at the same speed (docs/benchmarks.md, fine-tuning).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from importlib import import_module
 
-from loramux.engine.engine import Engine, EngineConfig, Generation
-from loramux.engine.requests import SLO, RequestOutput
-from loramux.engine.sampling import SamplingParams
-from loramux.engine.scheduler import QueueFullError, SchedulerConfig
-from loramux.lora.adapter import AdapterError, LoraConfig, UnknownAdapterError
-from loramux.training.config import TrainingConfig
-from loramux.training.data import DataError
-from loramux.training.job import JobState, TrainingJob
+_EXPORTS = {
+    "Engine": "loramux.engine.engine",
+    "EngineConfig": "loramux.engine.engine",
+    "Generation": "loramux.engine.engine",
+    "SLO": "loramux.engine.requests",
+    "RequestOutput": "loramux.engine.requests",
+    "SamplingParams": "loramux.engine.sampling",
+    "SchedulerConfig": "loramux.engine.scheduler",
+    "QueueFullError": "loramux.engine.scheduler",
+    "LoraConfig": "loramux.lora.adapter",
+    "AdapterError": "loramux.lora.adapter",
+    "UnknownAdapterError": "loramux.lora.adapter",
+    "TrainingConfig": "loramux.training.config",
+    "DataError": "loramux.training.data",
+    "JobState": "loramux.training.job",
+    "TrainingJob": "loramux.training.job",
+}
 
-__all__ = [
-    "Engine", "EngineConfig", "Generation", "SLO", "RequestOutput", "SamplingParams", "SchedulerConfig",
-    "QueueFullError", "LoraConfig", "AdapterError", "UnknownAdapterError", "TrainingConfig", "DataError",
-    "JobState", "TrainingJob",
-]
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """Imports a public name's module on first access and keeps the name in this module."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'loramux' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,9 @@
-"""The `loramux` command line."""
+"""The `loramux` command line.
+
+Only the standard library and light loramux modules are imported at the top: each subcommand
+imports what it runs (torch, the engine, the server), so `loramux --help`, `loramux serve --help`
+and the client commands of a running server start without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,7 @@ import time
 from pathlib import Path
 
 from loramux.bench.command import add_bench_parser
-from loramux.config import CACHE_ENV, UnsupportedModelError
-from loramux.lora.adapter import AdapterError, UnknownAdapterError
+from loramux.config import CACHE_ENV
 
 BASE = "base"  # --use value meaning "no adapter"
 
@@ -30,7 +34,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loramux", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="loramux", description="Fine-tune and serve many LoRA adapters on one shared base LLM, in the same forward passes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text for prompts, with any adapters, in one mixed batch")
@@ -116,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `loramux` command. It sets THP_MEM_ALLOC_ENABLE=1 (unless set) before anything imports
+    torch, which reads it at its first CPU allocation: CPU tensors of 2 MB and more then sit on
+    transparent huge pages, 2 MB-aligned, and go back to the operating system whole instead of
+    fragmenting the C heap (a fine-tuning step's peak memory falls by about 200 MB of 1.7 GB at the
+    same speed; docs/benchmarks.md). The processes a command starts inherit it. Set it to 0 to opt
+    out. Importing loramux as a library sets nothing: its host decides (see README, Install)."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args.argv = argv
@@ -123,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[CACHE_ENV] = args.cache_dir  # for the kernels, and the processes a command starts
     try:
         return args.run(args)
-    except (AdapterError, UnknownAdapterError, UnsupportedModelError, ValueError, LookupError) as e:  # incl. ServerError
+    # loramux's own errors derive from these: AdapterError, UnsupportedModelError, DataError, ServerError
+    # (ValueError), UnknownAdapterError (LookupError); their messages are for the user, on one line.
+    except (ValueError, LookupError) as e:
         print(f"loramux: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
@@ -160,7 +174,6 @@ def _generate(args) -> int:
 
 def _serve(args) -> int:
     import logging
-    import os
 
     from loramux import Engine, EngineConfig, SchedulerConfig
     from loramux.engine.engine import parse_dtype
@@ -189,8 +202,6 @@ def _serve(args) -> int:
 
 
 def _client(args):
-    import os
-
     from loramux.client import Client
 
     return Client(args.server, args.api_key or os.environ.get("LORAMUX_API_KEY"))
@@ -241,12 +252,11 @@ def _finetune_on_server(args) -> int:
 
 
 def _finetune(args) -> int:
-    from loramux import LoraConfig, TrainingConfig
-
     if args.server:
         return _finetune_on_server(args)
     if not args.output_dir:
         raise ValueError("--output-dir is required (or --server URL to train on a running server)")
+    from loramux import LoraConfig, TrainingConfig
 
     targets = "all-linear" if args.target_modules == "all-linear" else tuple(t.strip() for t in args.target_modules.split(","))
     lora = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, use_rslora=args.rslora)

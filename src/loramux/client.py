@@ -43,7 +43,12 @@ class Client:
         return self._call("POST", "/unload_lora_adapter", json={"lora_name": name})
 
     def upload(self, path: str) -> dict:
-        with open(path, "rb") as f:
+        """Uploads a local fine-tuning file; a file that cannot be read is refused before any request."""
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise ValueError(f"cannot read {path}: {e.strerror}") from None
+        with f:
             return self._call("POST", "/files", files={"file": (Path(path).name, f)}, data={"purpose": "fine-tune"})
 
     def create_job(self, body: dict) -> dict:

@@ -1,15 +1,27 @@
-"""`loramux bench SETTING`: its command-line options and how they become a run."""
+"""`loramux bench SETTING`: its command-line options and how they become a run.
+
+This module is imported by every `loramux` command to build the parser, so it imports only the
+standard library and light loramux modules; the benchmark itself (torch, matplotlib, peft) is
+imported by `run_bench`, after checking that the `bench` extra is installed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loramux.bench.options import SETTINGS, BenchOptions
+from loramux.bench import SETTINGS
 from loramux.bench.workload import Workload
+
+if TYPE_CHECKING:
+    from loramux.bench.options import BenchOptions
+
+BENCH_EXTRA_INSTALL = "pip install 'loramux[bench]'"
 
 
 def _rates(value: str) -> tuple[float, ...]:
@@ -55,7 +67,19 @@ def add_bench_parser(sub, add_model_options) -> None:
     bench.set_defaults(run=run_bench)
 
 
+def require_bench_extra(peft: bool) -> None:
+    """Refuses, with the command that installs them, to start a benchmark whose packages (the
+    `bench` extra: matplotlib for the plots, peft for the PEFT peer unless --no-peft) are missing."""
+    needed = ["matplotlib"] + (["peft"] if peft else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"`loramux bench` needs the bench extra ({', '.join(missing)} not installed): "
+                         f"{BENCH_EXTRA_INSTALL}")
+
+
 def options_from_args(args) -> BenchOptions:
+    from loramux.bench.options import BenchOptions
+
     workload = Workload(
         num_requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
         fixed_lengths=args.fixed_lengths, arrival=args.arrival, rate=args.rates[0], burst_cv=args.burst_cv,
@@ -73,6 +97,7 @@ def options_from_args(args) -> BenchOptions:
 
 
 def run_bench(args) -> int:
+    require_bench_extra(peft=not args.no_peft)
     options = options_from_args(args)
     if options.setting == "inference":
         from loramux.bench.inference import run

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from loramux.bench import SETTINGS
 from loramux.bench.machine import LoadMonitor, machine_info, roofline
 from loramux.bench.report import Table, write_report
 from loramux.bench.workload import Workload, prompt_token_pool
@@ -19,8 +20,6 @@ from loramux.engine.engine import Engine, EngineConfig
 from loramux.engine.requests import SLO
 from loramux.engine.scheduler import SchedulerConfig
 from loramux.lora.adapter import LoraConfig
-
-SETTINGS = ("inference", "finetune", "unified")
 
 
 @dataclass

