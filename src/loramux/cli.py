@@ -16,6 +16,7 @@ from pathlib import Path
 
 from loramux.bench.command import add_bench_parser
 from loramux.config import CACHE_ENV
+from loramux.training.config import TrainingConfig
 
 BASE = "base"  # --use value meaning "no adapter"
 
@@ -83,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--max-grad-norm", type=float, default=1.0)
     hp.add_argument("--seed", type=int, default=0)
     hp.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: at the end)")
-    hp.add_argument("--checkpoint-every", type=int, default=0, help="optimizer steps between checkpoints (0: none)")
+    hp.add_argument("--checkpoint-every", type=int, default=TrainingConfig.checkpoint_every,
+                    help="optimizer steps between checkpoints (default: %(default)s; 0: no step-based checkpoints)")
+    hp.add_argument("--checkpoint-interval", type=float, default=TrainingConfig.checkpoint_interval, metavar="SECONDS",
+                    help="seconds of training between checkpoints, whichever of the two comes first "
+                         "(default: %(default)s; 0: no time-based checkpoints)")
     ft.set_defaults(run=_finetune)
 
     adapters = sub.add_parser("adapters", help="list, load or unload adapters of a running server")
@@ -235,7 +240,7 @@ def _finetune_on_server(args) -> int:
         "lora": {"r": args.rank, "alpha": args.alpha, "dropout": args.dropout, "target_modules": targets, "use_rslora": args.rslora},
         "training": {"max_steps": args.max_steps, "gradient_accumulation": args.gradient_accumulation, "lr_schedule": args.lr_schedule,
                      "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "eval_every": args.eval_every,
-                     "checkpoint_every": args.checkpoint_every},
+                     "checkpoint_every": args.checkpoint_every, "checkpoint_interval": args.checkpoint_interval},
     })
     print(f"job {job['id']} submitted to {args.server}", file=sys.stderr, flush=True)
     progress = ProgressLine(sys.stderr)
@@ -265,7 +270,7 @@ def _finetune(args) -> int:
         gradient_accumulation=args.gradient_accumulation, micro_batch_tokens=args.micro_batch_tokens,
         learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, checkpoint_interval=args.checkpoint_interval,
     )
     engine = _engine(args)
     if args.adapter_init:
