@@ -6,7 +6,7 @@ process (a serving engine runs one path, not a mix: toggling paths on one engine
 switch gather tiles and fill caches again), 8 warm-up steps then the median of 10 steps; the
 variants are interleaved `--repeats` times and the median of those is printed, in ms per step:
 
-- `native`: as shipped (native/segmented_lora for bf16 rows' LoRA deltas, native/rms_norm for
+- `native`: as shipped (lora/segmented_lora for bf16 rows' LoRA deltas, native/rms_norm for
   every norm of rows without autograd);
 - `torch norms`: the norms with PyTorch ops (`RMSNorm.reference`);
 - `torch LoRA`: the LoRA deltas with PyTorch's tiled path (`ops.add_lora_tiled`: float32 tiles,
@@ -36,7 +36,8 @@ def child(variant: str, dtype: str, rows: int) -> None:
     from decoding import decoding_engine
 
     from loramux.lora import layer
-    from loramux.native import rms_norm, segmented_lora
+    from loramux.lora import segmented_lora
+    from loramux.native import rms_norm
 
     with ExitStack() as patches:
         if variant == "torch norms":

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from loramux.config import ModelConfig
 from timing import time_interleaved
-from loramux.engine.batch import Batch, Chunk, RowKind
+from loramux.batch import Batch, Chunk, RowKind
 from loramux.kv.paged_cache import PagedKVCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,4 +1,4 @@
-"""Decode steps with and without pre-packed base weights (model/prepacked.py), in one process.
+"""Decode steps with and without pre-packed base weights (lora/prepacked.py), in one process.
 
 The default model with the bench's 4 adapters (rank 16, all linears), `--rows` requests decoding
 at once (64-token prompts, 4 adapters mixed), in each `--dtypes`. Both variants run on the same

@@ -183,7 +183,7 @@ def train_tokens(vocab: int):
 def run_loramux(scenario: str) -> dict:
     import torch
 
-    from loramux.engine.batch import Batch, Chunk, RowKind
+    from loramux.batch import Batch, Chunk, RowKind
     from loramux.engine.engine import Engine
     from loramux.lora.adapter import LoraConfig
     from loramux.training import trainer as trainer_mod

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_hf, ours_from_hf
-from loramux.engine.batch import Batch, Chunk, RowKind
+from loramux.batch import Batch, Chunk, RowKind
 from loramux.lora.adapter import LoraAdapter, LoraConfig
 from loramux.lora.registry import AdapterRegistry
 from loramux.model.loader import load_model

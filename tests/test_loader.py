@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_tiny_hf
 from loramux.config import UnsupportedModelError
-from loramux.engine.batch import Batch, Chunk, RowKind
+from loramux.batch import Batch, Chunk, RowKind
 from loramux.model.loader import default_gguf_path, load_model, resolve_model_dir
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_hf, ours_from_hf
-from loramux.engine.batch import Batch, Chunk, RowKind
+from loramux.batch import Batch, Chunk, RowKind
 from loramux.kv.paged_cache import PagedKVCache
 
 CONFIGS = {

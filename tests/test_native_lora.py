@@ -1,4 +1,4 @@
-"""The native segmented LoRA kernel (native/segmented_lora): on bf16 rows it adds the deltas the loop
+"""The native segmented LoRA kernel (lora/segmented_lora): on bf16 rows it adds the deltas the loop
 reference defines, rounded once as torch rounds, in every layout the layer hands it; the layer
 takes it for bf16 decode rows (where the PyTorch path, which rounds twice, stays within bf16
 tolerance of the same reference)."""
@@ -15,7 +15,7 @@ from loramux import native
 from loramux.lora.layer import FusedLoraLinear
 from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop
 from loramux.lora.segments import LoraSegments
-from loramux.native import segmented_lora
+from loramux.lora import segmented_lora
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="the native kernel cannot run on this machine")
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_hf, ours_from_hf
 from loramux.config import LORA_TARGETS
-from loramux.engine.batch import Batch, Chunk, RowKind
+from loramux.batch import Batch, Chunk, RowKind
 from loramux.engine.engine import Engine
 from loramux.lora import peft_io
 from loramux.lora.adapter import AdapterError, LoraAdapter, LoraConfig

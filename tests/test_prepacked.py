@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_hf, ours_from_hf
-from loramux.engine.batch import Batch, Chunk, RowKind
-from loramux.model.prepacked import FrozenLinear, packing_unavailable
+from loramux.batch import Batch, Chunk, RowKind
+from loramux.lora.prepacked import FrozenLinear, packing_unavailable
 
 BF16 = torch.bfloat16
 needs_onednn = pytest.mark.skipif(packing_unavailable() is not None, reason=f"no bf16 weight packing on this CPU: {packing_unavailable()}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_hf, ours_from_hf
-from loramux.engine.batch import RowKind
+from loramux.batch import RowKind
 from loramux.engine.requests import SLO, Request, RequestMetrics, RequestState
 from loramux.engine.sampling import SamplingParams
 from loramux.engine.scheduler import QueueFullError, Scheduler, SchedulerConfig, StepCostModel

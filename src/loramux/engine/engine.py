@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loramux.engine.batch import Batch, Chunk, RowKind
+from loramux.batch import Batch, Chunk, RowKind
 from loramux.engine.detokenizer import TextStream
 from loramux.engine.requests import (
     SLO,
@@ -73,7 +73,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class EngineConfig:
     """kv_cache_memory: bytes for the paged KV pool (its block count follows). block_size: tokens per block.
     prepack_weights: bf16 models on CPU keep a pre-packed copy of the base weights for inference
-    rows (model/prepacked.py): faster decode steps, for that much more memory."""
+    rows (lora/prepacked.py): faster decode steps, for that much more memory."""
 
     kv_cache_memory: int = 512 * 2**20
     block_size: int = 16

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from loramux.engine.batch import RowKind
+from loramux.batch import RowKind
 from loramux.engine.requests import SLO, Request, RequestState
 from loramux.kv.paged_cache import PagedKVCache
 

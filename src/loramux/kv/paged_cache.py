@@ -2,7 +2,7 @@
 
 k[layer], v[layer]: [num_blocks * block_size, kv_heads, head_dim]. Token `pos` of a sequence with
 block table `bt` lives in slot `bt[pos // block_size] * block_size + pos % block_size`. Writes and
-reads go through slot indices computed once per step (engine/batch.py), so attention reads a
+reads go through slot indices computed once per step (batch.py), so attention reads a
 sequence's context with one gather per layer and never copies whole caches between steps. Gathers
 land in a workspace reused by every layer and step: fresh buffers of that size cost page faults
 each time (docs/benchmarks.md, paged attention).

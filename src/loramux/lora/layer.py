@@ -17,9 +17,9 @@ from torch import nn
 from loramux.lora.generations import AdapterGenerations
 from loramux.lora.ops import LoraWeights, StackedLora, TileWeights, add_lora_group, add_lora_stacked, add_lora_tiled
 from loramux.lora.segments import LoraSegments
-from loramux.model.prepacked import FrozenLinear
-from loramux.native import segmented_lora
-from loramux.native.segmented_lora import add_lora_native
+from loramux.lora.prepacked import FrozenLinear
+from loramux.lora import segmented_lora
+from loramux.lora.segmented_lora import add_lora_native
 
 # Inference rows take the tiled path when every segment is one tile (decode steps), or from this
 # many segments on. Below it, segments of several tiles (prefill chunks) take the per-segment
@@ -64,7 +64,7 @@ class FusedLoraLinear(nn.Module):
     the group (`StackedLora`: A of all projections concatenated, B block-diagonal, scale folded
     in). Either way each segment costs two matmuls for the whole group; with one tile per segment
     or many segments, two batched matmuls serve all of them (for bf16 rows on CPUs with AVX-512,
-    one call of the native kernel, `native/segmented_lora`), against the tiles' weights gathered
+    one call of the native kernel, `lora/segmented_lora`), against the tiles' weights gathered
     from the stacked copy and kept while the tiles' slots stay the same.
     """
 

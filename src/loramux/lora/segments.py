@@ -28,7 +28,7 @@ class LoraSegments:
     valid:      [n_valid] long, flat positions of tile_rows that hold real rows.
     valid_rows: [n_valid] long, tile_rows.flatten()[valid].
     tile_spans: [n_tiles, 3] long, (first row, end row, tile index) of each tile: its real rows are
-                contiguous (the native kernel's segments, native/segmented_lora).
+                contiguous (the native kernel's segments, lora/segmented_lora).
     dense:      tile_rows is every row of the batch, in order, without padding (x needs no gather).
     """
 

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from loramux.config import LORA_TARGETS, ModelConfig
-from loramux.engine.batch import Batch, BatchPart
+from loramux.batch import Batch, BatchPart
 from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.generations import AdapterGenerations
 from loramux.lora.layer import FusedLoraLinear, LoraProjection, MultiLoraLinear
-from loramux.model.prepacked import FrozenLinear
+from loramux.lora.prepacked import FrozenLinear
 from loramux.model.recompute import recomputed
 from loramux.model.rope import apply_rotary, inverse_frequencies, rotary_tables
 from loramux.native import rms_norm
@@ -278,7 +278,7 @@ class LlamaModel(nn.Module):
 
     def prepack_weights(self, enabled: bool) -> None:
         """Whether rows that build no graph use pre-packed copies of the frozen bf16 weights on CPU
-        (model/prepacked.py: faster GEMMs for a second copy of the weights)."""
+        (lora/prepacked.py: faster GEMMs for a second copy of the weights)."""
         for frozen in [self._lm_head] + [m.base for m in self.modules() if isinstance(m, FusedLoraLinear)]:
             frozen.enabled = enabled
             if not enabled:

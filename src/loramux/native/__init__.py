@@ -1,8 +1,9 @@
 """Native CPU kernels for the small, frequent operations PyTorch runs as many ops: each C file here
 (`*.c`, sharing `bf16.h`) is compiled into one library, loaded with ctypes.
 
-- `segmented_lora`: the LoRA deltas of bf16 inference rows, one call per fused linear;
-- `rms_norm`: RMSNorm of inference rows, one pass per row.
+- `segmented_lora.c`: the LoRA deltas of bf16 inference rows, one call per fused linear (called
+  from lora/segmented_lora.py, beside the PyTorch paths it replaces);
+- `rms_norm.c`: RMSNorm of inference rows, one pass per row (native/rms_norm.py).
 
 The library is compiled on first use with the system's C compiler (`$CC`, else `cc`; under a
 second) into the cache (`$LORAMUX_CACHE_DIR/kernels`, keyed by the sources, compiler and flags) and

@@ -1,4 +1,4 @@
-/* The segmented multi-LoRA matmul for bf16 inference rows (loramux.native.segmented_lora).
+/* The segmented multi-LoRA matmul for bf16 inference rows (loramux.lora.segmented_lora).
  *
  * For every segment (start, end, w):   y[start:end] += (x[start:end] @ A[w]) @ B[w]
  *

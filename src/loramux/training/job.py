@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from loramux.engine.batch import RowKind
+from loramux.batch import RowKind
 from loramux.lora.adapter import LoraAdapter
 from loramux.training.checkpoint import AdapterSnapshot, CheckpointSnapshot
 from loramux.training.config import TrainingConfig

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from loramux.engine.batch import RowKind
+from loramux.batch import RowKind
 from loramux.model.llama import LlamaModel
 from loramux.training.job import JobSummary, TrainingJob, WorkItem
 from loramux.training.writer import Writer
