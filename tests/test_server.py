@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from live_server import KEY, Server, free_port
 from loramux.config import ModelConfig
 from loramux.datasets import shipped
 from loramux.lora.adapter import LoraAdapter, LoraConfig
@@ -23,53 +22,7 @@ from loramux.model.loader import resolve_model_dir
 
 pytestmark = pytest.mark.integration
 BASE = "SmolLM2-135M-Instruct"
-KEY = "test-key-123"
 ADAPTERS = ("alpha", "beta", "gamma", "delta")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`loramux serve` in a subprocess on a free loopback port."""
-
-    def __init__(self, data_dir: Path, *args: str, port: int | None = None) -> None:
-        self.data_dir, self.args = data_dir, args
-        self.port = port or _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir.parent / f"server-{self.port}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loramux.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir), *args],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-
-    def client(self, key: str = KEY) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=300)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +150,8 @@ def test_fine_tuning_job_end_to_end_while_serving(server):
     assert client.files.content(train.id).content == shipped("reverse_words/train.jsonl").read_bytes()
     job = client.fine_tuning.jobs.create(
         model=BASE, training_file=train.id, suffix="rev", hyperparameters={"n_epochs": 1, "learning_rate_multiplier": 5},
-        extra_body={"lora": {"r": 16, "alpha": 32}, "training": {"max_steps": 16, "checkpoint_every": 8, "warmup_steps": 2}},
+        extra_body={"lora": {"r": 16, "alpha": 32},
+                    "training": {"max_steps": 16, "checkpoint_every": 8, "checkpoint_interval": 0, "warmup_steps": 2}},
     )
     assert job.status in ("queued", "running") and job.model == BASE
 
@@ -269,7 +223,7 @@ def test_metrics_and_disconnect_frees_blocks(server):
 def test_limits_429_413_and_lock(tmp_path):
     srv = Server(tmp_path / "data", "--max-waiting", "1", "--max-body-mb", "0.01")
     try:
-        second = subprocess.run([sys.executable, "-m", "loramux.cli", "serve", "--port", str(_free_port()), "--data-dir",
+        second = subprocess.run([sys.executable, "-m", "loramux.cli", "serve", "--port", str(free_port()), "--data-dir",
                                  str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
         assert second.returncode == 2 and "another loramux server" in second.stderr and "Traceback" not in second.stderr
         client = srv.client("anything")

@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("loramux.server")
 DEFAULTS = {"n_epochs": 3, "batch_size": 8, "learning_rate": 2e-4}
 UNFINISHED = ("validating_files", "queued", "running", "paused")
-# `training` fields whose default is the engine's (TrainingConfig's), applied when a request leaves them unset.
-ENGINE_DEFAULTS = ("checkpoint_every", "checkpoint_interval")
 
 
 @dataclass
@@ -67,26 +65,27 @@ class JobService:
             },
             "trained_tokens": None, "error": None, "seed": body.seed if body.seed is not None else 0,
             "user_provided_suffix": body.suffix, "estimated_finish": None, "integrations": [],
-            "lora": body.lora.model_dump(), "training": _training_options(body),
+            "lora": body.lora.model_dump(), "training": body.training.model_dump(),
             "adapter_name": f"ft:{body.model}:{body.suffix or 'loramux'}:{job_id[-8:]}",
         }
         self.store.put_job(record)
         try:
             await loop.call(lambda engine: self._start(record))
-        except (DataError, ValueError) as e:
+        except DataError as e:
             self._fail(record, str(e))
             raise APIError(400, f"fine-tuning job failed validation: {e}", param="training_file", code="invalid_file") from None
+        except ValueError as e:  # settings the schema cannot judge alone (e.g. a LoRA config against this model)
+            self._fail(record, str(e), param=None, code="invalid_request")
+            raise APIError(400, f"fine-tuning job refused: {e}", code="invalid_request") from None
         return self.store.get_job(job_id)
 
     def _start(self, record: dict) -> TrainingJob:
         """Creates the engine job (in the engine thread, or before it runs)."""
         hp, extra, lora = record["hyperparameters"], record["training"], record["lora"]
+        # `training` holds TrainingConfig's own names (records written before an option existed get its default)
         training = TrainingConfig(
             epochs=hp["n_epochs"], batch_size=hp["batch_size"], learning_rate=DEFAULTS["learning_rate"] * hp["learning_rate_multiplier"],
-            seed=record["seed"], max_steps=extra["max_steps"], gradient_accumulation=extra["gradient_accumulation"],
-            lr_schedule=extra["lr_schedule"], warmup_steps=extra["warmup_steps"], weight_decay=extra["weight_decay"],
-            eval_every=extra["eval_every"], checkpoint_every=extra["checkpoint_every"],
-            checkpoint_interval=extra.get("checkpoint_interval", TrainingConfig.checkpoint_interval),
+            seed=record["seed"], **extra,
         )
         targets = lora["target_modules"]
         config = LoraConfig(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
@@ -105,8 +104,8 @@ class JobService:
     def _adapter_dir(self, record: dict):
         return self.store.root / "adapters" / record["id"]
 
-    def _fail(self, record: dict, message: str) -> None:
-        record.update(status="failed", finished_at=int(time.time()), error={"code": "invalid_training_file", "message": message, "param": "training_file"})
+    def _fail(self, record: dict, message: str, param: str | None = "training_file", code: str = "invalid_training_file") -> None:
+        record.update(status="failed", finished_at=int(time.time()), error={"code": code, "message": message, "param": param})
         self.store.put_job(record)
 
     async def cancel(self, job_id: str, loop: EngineLoop) -> dict:
@@ -188,13 +187,3 @@ class JobService:
             })
         live.checkpoints_synced = len(job.checkpoints)
         return len(job.checkpoints) > start
-
-
-def _training_options(body: FineTuningJobRequest) -> dict:
-    """The request's `training` options, with TrainingConfig's defaults for the checkpoint options
-    the client did not set: so jobs checkpoint by default whatever the schema's defaults say."""
-    options = body.training.model_dump()
-    for name in ENGINE_DEFAULTS:
-        if name not in body.training.model_fields_set:
-            options[name] = getattr(TrainingConfig, name)
-    return options

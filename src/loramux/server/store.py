@@ -26,11 +26,17 @@ CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created_at INTEGER, status
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT, job_id TEXT, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (id TEXT PRIMARY KEY, job_id TEXT, step INTEGER, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS adapters (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
+CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, step);
 """
 
 
 class DataDirLocked(RuntimeError):
     """Another server holds the data directory."""
+
+
+class UnknownCursor(LookupError):
+    """A page was asked for after an id that is not in the list."""
 
 
 def new_id(prefix: str) -> str:
@@ -85,9 +91,11 @@ class Store:
         rows = self._exec("SELECT data FROM files WHERE id = ?", (file_id,))
         return json.loads(rows[0][0]) if rows else None
 
-    def list_files(self, purpose: str | None = None) -> list[dict]:
-        files = [json.loads(r[0]) for r in self._exec("SELECT data FROM files ORDER BY created_at DESC, id")]
-        return [f for f in files if purpose is None or f["purpose"] == purpose]
+    def list_files(self, purpose: str | None = None, after: str | None = None, limit: int = 10_000,
+                   order: str = "desc") -> tuple[list[dict], bool]:
+        """Files by creation time (`order` "desc": newest first), of one purpose if given."""
+        where, args = ("json_extract(data, '$.purpose') = ?", (purpose,)) if purpose is not None else ("1", ())
+        return self._page("files", ("created_at", "rowid"), after, limit, descending=order == "desc", where=where, args=args)
 
     def delete_file(self, file_id: str) -> bool:
         if self.get_file(file_id) is None:
@@ -101,15 +109,17 @@ class Store:
         return self.root / "jobs" / job_id
 
     def put_job(self, job: dict) -> None:
-        self._exec("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?)", (job["id"], job["created_at"], job["status"], json.dumps(job)))
+        # an update keeps the row (and its rowid: creation order within a second, for paging)
+        self._exec("INSERT INTO jobs VALUES (?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET status = excluded.status, data = excluded.data",
+                   (job["id"], job["created_at"], job["status"], json.dumps(job)))
 
     def get_job(self, job_id: str) -> dict | None:
         rows = self._exec("SELECT data FROM jobs WHERE id = ?", (job_id,))
         return json.loads(rows[0][0]) if rows else None
 
     def list_jobs(self, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        """Newest first; `after` is the id of the last job of the previous page."""
-        return _page([json.loads(r[0]) for r in self._exec("SELECT data FROM jobs ORDER BY created_at DESC, id DESC")], after, limit)
+        """Newest first (created_at is in whole seconds; the rowid orders jobs of one second)."""
+        return self._page("jobs", ("created_at", "rowid"), after, limit)
 
     def jobs_with_status(self, *statuses: str) -> list[dict]:
         marks = ",".join("?" * len(statuses))
@@ -119,14 +129,16 @@ class Store:
         self._exec("INSERT INTO events (id, job_id, data) VALUES (?, ?, ?)", (event["id"], job_id, json.dumps(event)))
 
     def list_events(self, job_id: str, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        return _page([json.loads(r[0]) for r in self._exec("SELECT data FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))], after, limit)
+        """The job's events, newest first."""
+        return self._page("events", ("seq",), after, limit, scope=("job_id = ?", (job_id,)))
 
     def add_checkpoint(self, job_id: str, checkpoint: dict) -> None:
         self._exec("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?)",
                    (checkpoint["id"], job_id, checkpoint["step_number"], json.dumps(checkpoint)))
 
-    def list_checkpoints(self, job_id: str) -> list[dict]:
-        return [json.loads(r[0]) for r in self._exec("SELECT data FROM checkpoints WHERE job_id = ? ORDER BY step DESC", (job_id,))]
+    def list_checkpoints(self, job_id: str, after: str | None = None, limit: int = 10) -> tuple[list[dict], bool]:
+        """The job's checkpoints, latest step first."""
+        return self._page("checkpoints", ("step", "id"), after, limit, scope=("job_id = ?", (job_id,)))
 
     # --- adapters -----------------------------------------------------------------------------------
     def put_adapter(self, name: str, info: dict[str, Any]) -> None:
@@ -138,10 +150,22 @@ class Store:
     def adapters(self) -> dict[str, dict]:
         return {name: json.loads(data) for name, data in self._exec("SELECT name, data FROM adapters ORDER BY name")}
 
-
-def _page(items: list[dict], after: str | None, limit: int) -> tuple[list[dict], bool]:
-    """OpenAI's cursor paging: the items after the one with id `after`, at most `limit`, and whether more follow."""
-    if after is not None:
-        ids = [item["id"] for item in items]
-        items = items[ids.index(after) + 1 :] if after in ids else []
-    return items[:limit], len(items) > limit
+    def _page(self, table: str, key: tuple[str, ...], after: str | None, limit: int, *, descending: bool = True,
+              scope: tuple[str, tuple] = ("1", ()), where: str = "1", args: tuple = ()) -> tuple[list[dict], bool]:
+        """OpenAI's cursor paging over the rows of `table` in `scope` that match `where`, sorted by the
+        columns `key` (unique together): at most `limit` rows that follow the row with id `after`, and
+        whether more follow. Raises UnknownCursor if `after` is not a row of the scope. One indexed
+        query per page, so paging through n rows costs O(n), not O(n^2)."""
+        scope_sql, scope_args = scope
+        sql, values = f"({scope_sql}) AND ({where})", (*scope_args, *args)
+        columns = ", ".join(key)
+        if after is not None:
+            cursor = self._exec(f"SELECT {columns} FROM {table} WHERE id = ? AND ({scope_sql})", (after, *scope_args))
+            if not cursor:
+                raise UnknownCursor(after)
+            sql += f" AND ({columns}) {'<' if descending else '>'} ({', '.join('?' * len(key))})"
+            values += tuple(cursor[0])
+        direction = " DESC" if descending else ""
+        rows = self._exec(f"SELECT data FROM {table} WHERE {sql} ORDER BY {', '.join(c + direction for c in key)} LIMIT ?",
+                          (*values, limit + 1))
+        return [json.loads(r[0]) for r in rows[:limit]], len(rows) > limit
