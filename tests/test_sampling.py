@@ -506,3 +506,14 @@ def test_stream_matches_generate_and_closing_aborts(engine):
     assert not engine.has_unfinished
     assert engine.kv.allocator.num_used == 0
     assert [t for o in got for t in o.new_token_ids] == gen.token_ids[:2]
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324])
+def test_a_vanishing_temperature_samples_the_best_token(temperature):
+    """Found by fuzzing the server: dividing the scores by a tiny temperature overflowed them all
+    to +-inf and softmax gave NaN, and a top_p that rounds to 0 in float32 dropped every token. As
+    temperature falls to 0 sampling tends to greedy; top_p always keeps the best token."""
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(1)) * 30
+    params = SamplingParams(temperature=temperature, top_p=4.7e-111, seed=0)
+    token, _ = sample_next(logits, params, params.generator(), [], [], (), int(logits.argmax()))
+    assert token == int(logits.argmax())

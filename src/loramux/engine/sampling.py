@@ -116,7 +116,10 @@ def sample_next(
 def _choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     if params.greedy:
         return int(torch.argmax(scores))
-    scores = scores / params.temperature
+    # Shifted so the best score is 0 before dividing, and divided by no less than the dtype's
+    # smallest normal number: a tiny temperature then sends the other scores to -inf instead of
+    # overflowing every score to +-inf or dividing by a zero it rounds to (softmax of those is NaN).
+    scores = (scores - scores.max()) / max(params.temperature, torch.finfo(scores.dtype).tiny)
     if params.top_k and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -125,5 +128,6 @@ def _choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Gener
         probs = torch.softmax(sorted_scores, dim=-1)
         # keep the smallest prefix whose mass reaches top_p (always at least the top token)
         drop = probs.cumsum(-1) - probs >= params.top_p
+        drop[0] = False  # explicitly: a top_p below float32's range rounds to 0, which would drop it too
         scores = scores.scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
     return int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator))
