@@ -101,3 +101,12 @@ def test_client_commands_refuse_on_one_line(tmp_path):
     unreachable = _cli("adapters", "list", "--server", "http://127.0.0.1:9")
     assert unreachable.returncode == 2 and "cannot reach http://127.0.0.1:9/v1" in unreachable.stderr
     assert len(unreachable.stderr.strip().splitlines()) == 1
+
+
+def test_finetune_on_a_server_refuses_the_options_of_local_runs():
+    """`--server` jobs run on the server's model and data directory: local-only options are refused
+    by name before anything is sent (no server needs to run: the check comes first)."""
+    result = _cli("finetune", "--server", "http://127.0.0.1:9", "--data", "x.jsonl", "--name", "n",
+                  "--output-dir", "out", "--dtype", "bfloat16")
+    assert result.returncode == 2
+    assert "--output-dir, --dtype apply to local runs only" in result.stderr and "Traceback" not in result.stderr

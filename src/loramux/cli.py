@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("finetune", help="fine-tune a LoRA adapter on a JSONL file, with live progress")
     _add_model_options(ft)
+    ft.set_defaults(dtype=None)  # float32 for local runs (`_engine`); None tells a --server run it was not given
     ft.add_argument("--data", required=True, help="training JSONL: {prompt, completion} or {messages: [...]} per line")
     ft.add_argument("--val", default=None, help="validation JSONL, same formats")
     ft.add_argument("--name", required=True, help="adapter name")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 def _engine(args):
     from loramux import Engine
 
-    return Engine.load(args.model, cache=args.cache_dir, dtype=args.dtype)
+    return Engine.load(args.model, cache=args.cache_dir, dtype=args.dtype or "float32")
 
 
 def _generate(args) -> int:
@@ -228,7 +229,16 @@ def _adapters(args) -> int:
     return 0
 
 
+# Options of a local run that a server job has no use for: refused rather than ignored.
+LOCAL_ONLY = {"output_dir": "--output-dir", "checkpoint_dir": "--checkpoint-dir", "adapter_init": "--adapter-init",
+              "model": "--model", "cache_dir": "--cache-dir", "dtype": "--dtype"}
+
+
 def _finetune_on_server(args) -> int:
+    given = [flag for name, flag in LOCAL_ONLY.items() if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to local runs only; a server job uses the server's model and "
+                         "data directory (the fine-tuned model is served as soon as it exists)")
     client = _client(args)
     train = client.upload(args.data)
     val = client.upload(args.val) if args.val else None
@@ -238,9 +248,11 @@ def _finetune_on_server(args) -> int:
         "suffix": args.name, "seed": args.seed,
         "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.learning_rate / 2e-4},
         "lora": {"r": args.rank, "alpha": args.alpha, "dropout": args.dropout, "target_modules": targets, "use_rslora": args.rslora},
-        "training": {"max_steps": args.max_steps, "gradient_accumulation": args.gradient_accumulation, "lr_schedule": args.lr_schedule,
-                     "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "eval_every": args.eval_every,
-                     "checkpoint_every": args.checkpoint_every, "checkpoint_interval": args.checkpoint_interval},
+        "training": {"max_steps": args.max_steps, "gradient_accumulation": args.gradient_accumulation,
+                     "micro_batch_tokens": args.micro_batch_tokens, "lr_schedule": args.lr_schedule,
+                     "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm or None,
+                     "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every,
+                     "checkpoint_interval": args.checkpoint_interval},
     })
     print(f"job {job['id']} submitted to {args.server}", file=sys.stderr, flush=True)
     progress = ProgressLine(sys.stderr)
