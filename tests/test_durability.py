@@ -89,13 +89,13 @@ def test_checkpoints_can_be_turned_off(tiny_engine, tmp_path):
 
 
 def test_the_server_uses_the_engines_checkpoint_defaults_unless_the_request_sets_them():
-    from loramux.server.jobs import _training_options
     from loramux.server.protocol import FineTuningJobRequest
 
-    unset = _training_options(FineTuningJobRequest(model="m", training_file="f"))
-    assert (unset["checkpoint_every"], unset["checkpoint_interval"]) == (10, 60.0)
-    explicit = _training_options(FineTuningJobRequest(model="m", training_file="f", training={"checkpoint_every": 0}))
-    assert (explicit["checkpoint_every"], explicit["checkpoint_interval"]) == (0, 60.0)
+    unset = FineTuningJobRequest(model="m", training_file="f").training
+    assert (unset.checkpoint_every, unset.checkpoint_interval) == (10, 60.0)
+    explicit = FineTuningJobRequest(model="m", training_file="f", training={"checkpoint_every": 0}).training
+    assert (explicit.checkpoint_every, explicit.checkpoint_interval) == (0, 60.0)
+    assert set(unset.model_dump()) <= set(TrainingConfig.__dataclass_fields__)  # every option reaches the job
 
 
 # --- kill -9 and resume --------------------------------------------------------------------------
