@@ -132,6 +132,8 @@ def test_a_chat_template_that_refuses_the_messages_is_a_400(server):
     ({"lora": {"dropout": 1.0}}, "lora.dropout"),
     ({"training": {"max_steps": 0}}, "training.max_steps"),
     ({"training": {"lr_schedule": "exponential"}}, "training.lr_schedule"),
+    ({"training": {"checkpoint_interval": -1}}, "training.checkpoint_interval"),
+    ({"training": {"max_grad_norm": 0}}, "training.max_grad_norm"),
     ({"suffix": "a/b"}, "suffix"),
 ])
 def test_bad_hyperparameters_are_refused_naming_them(server, body, param):
