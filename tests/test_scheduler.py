@@ -27,8 +27,9 @@ def _request(order: int, prompt_len: int, arrival: float = 0.0, max_tokens: int 
     )
 
 
-def _scheduler(num_blocks=16, block_size=4, **cfg) -> Scheduler:
-    return Scheduler(SchedulerConfig(**cfg), PagedKVCache(CONFIG, num_blocks, block_size, torch.float32, "cpu"))
+def _scheduler(num_blocks=16, block_size=4, clock=None, **cfg) -> Scheduler:
+    kv = PagedKVCache(CONFIG, num_blocks, block_size, torch.float32, "cpu")
+    return Scheduler(SchedulerConfig(**cfg), kv) if clock is None else Scheduler(SchedulerConfig(**cfg), kv, clock)
 
 
 def _run(scheduler: Scheduler, out) -> None:
@@ -135,55 +136,91 @@ def _fitted_training_costs(s: Scheduler) -> None:
         s.cost.record({RowKind.DECODE: decode, RowKind.TRAIN: train}, 0.02 + 0.004 * decode + 0.004 * train)
 
 
+class FakeClock:
+    """The scheduler's clock, moved by the test."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _decoding(s: Scheduler, *specs: tuple[float, int, float]) -> list[Request]:
+    """Requests admitted and prefilled together; spec (first_token, tokens, tpot): each produced
+    its first token at `first_token` and has `tokens` output tokens now."""
+    requests = [_request(i, prompt_len=4, arrival=first - 0.1, tpot=tpot) for i, (first, _, tpot) in enumerate(specs)]
+    for r in requests:
+        s.add(r)
+    _run(s, s.schedule())
+    for r, (first, tokens, _) in zip(requests, specs):
+        r.metrics.first_token, r.output_ids = first, [7] * tokens
+        r.num_computed = r.num_tokens - 1
+    return requests
+
+
 def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
     """Within the serving window, a step of training rows with no request running may take
-    idle_train_seconds (by the fitted costs), not max_step_tokens rows; with requests running the
-    TPOT target bounds it instead."""
-    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, step_time_share=0.8)
+    idle_train_seconds (by the fitted costs), not max_step_tokens rows; with a request running
+    its next token's due time bounds it instead."""
+    clock = FakeClock()
+    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, step_time_share=0.8, clock=clock)
     _fitted_training_costs(s)
-    r = _request(0, prompt_len=4)
-    s.add(r)
-    _run(s, s.schedule())  # r is running now; the step is bounded by 0.8 x its 0.25 s TPOT
-    assert s.training_budget({RowKind.DECODE: 1}) == pytest.approx((0.2 - 0.02 - 0.004) / 0.004, abs=3)
+    (r,) = _decoding(s, (clock.now, 1, 0.25))  # its next token is due in 0.25 s
+    rows = lambda seconds: pytest.approx((seconds - 0.02 - 0.004) / 0.004, abs=3)  # beside r's decode row
+    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.8 * 0.25)
     s.remove(r)  # r has just finished: nothing runs, but requests are arriving
     assert s.training_budget({}) == pytest.approx((0.5 - 0.02) / 0.004, abs=3)  # 120 rows, not 4096
 
 
-def test_training_spends_the_time_short_steps_saved_and_long_steps_pay_it_back():
-    s = _scheduler(max_step_tokens=4096, saved_steps_cap=2.0, step_time_share=0.8, min_train_tokens=1)  # (the rows credit stays small)
+def test_training_spends_the_slack_of_the_tightest_request_and_nothing_more():
+    """A request whose steps were short has time in hand (its TPOT is an average); training may
+    take share x the smallest such time of all requests, and nothing once a request is late."""
+    clock = FakeClock(100.0)
+    s = _scheduler(max_step_tokens=4096, step_time_share=0.8, min_train_tokens=1000, clock=clock)
     _fitted_training_costs(s)
-    r = _request(0, prompt_len=4)
-    s.add(r)
-    _run(s, s.schedule())  # r runs: a step may take 0.8 x 0.25 s = 0.2 s
-    rows = lambda seconds: pytest.approx((seconds - 0.02 - 0.004) / 0.004, abs=3)  # beside r's decode row
-    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.2)
-    s.note_step(0.05, 0, wanted_training=True)
-    s.note_step(0.05, 0, wanted_training=True)  # two short steps saved 0.3 s
-    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.5)
-    for _ in range(10):
-        s.note_step(0.05, 0, wanted_training=True)
-    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.6)  # at most 2 targets saved
-    s.note_step(0.6, 100, wanted_training=True)  # a long step with a sample spends them
-    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.2)
-    s.note_step(0.05, 0, wanted_training=False)  # no training waiting: nothing is saved
-    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.2)
+    rows = lambda seconds: pytest.approx(max((seconds - 0.02 - 0.004 * 2) / 0.004, 0), abs=3)  # beside two decode rows
+    # a: 6 tokens, 0.25 s each allowed since 99.0, so due at 100.5; b: due at 99.5 + 4 x 0.5 = 101.5
+    a, b = _decoding(s, (99.0, 6, 0.25), (99.5, 4, 0.5))
+    assert s.training_budget({RowKind.DECODE: 2}) == rows(0.8 * 0.5)  # a, the tighter, has 0.5 s in hand
+    clock.now = 100.3
+    assert s.training_budget({RowKind.DECODE: 2}) == rows(0.8 * 0.2)
+    a.output_ids.append(7)  # a's next token came: due at 100.75
+    assert s.training_budget({RowKind.DECODE: 2}) == rows(0.8 * 0.45)
+    clock.now = 101.0  # a is late: no training, and no credit forces it in while requests run
+    for _ in range(5):
+        s.note_step(0, wanted_training=True)
+    assert s.training_budget({RowKind.DECODE: 2}) == 0
+    s.remove(a)
+    s.remove(b)
+    s.note_step(0, wanted_training=True)  # nothing to serve now: starved training earns credit
+    assert s.training_budget({}) >= 1000
+
+
+def test_a_waiting_request_keeps_time_for_its_prompt_before_its_first_token_deadline():
+    clock = FakeClock(100.0)
+    s = _scheduler(num_blocks=64, max_step_tokens=4096, step_time_share=1.0, clock=clock)
+    for rows in (8, 64, 256):  # prefill rows cost 2 ms, training rows 4 ms, on top of 20 ms
+        s.cost.record({RowKind.PREFILL: rows}, 0.02 + 0.002 * rows)
+        s.cost.record({RowKind.TRAIN: rows}, 0.02 + 0.004 * rows)
+    s.add(_request(0, prompt_len=100, arrival=99.5, ttft=2.0))  # due at 101.5; its prompt costs about 0.2 s
+    assert s.training_budget({}) == pytest.approx((1.5 - 0.2 - 0.02) / 0.004, abs=5)
 
 
 def test_training_outside_the_serving_window_is_bounded_by_rows_not_timings():
     """With no request arrived within serving_window_seconds, a training step is bounded by
     max_step_tokens alone, whatever the fitted costs, so its split of a batch is deterministic."""
-    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, serving_window_seconds=0.0)
+    clock = FakeClock()
+    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, serving_window_seconds=0.0, clock=clock)
     _fitted_training_costs(s)
     assert s.training_budget({}) == 4096  # nothing ever arrived
-    r = _request(0, prompt_len=4)
+    r = _request(0, prompt_len=4, arrival=clock.now)
     s.add(r)
-    assert s.training_budget({}) == pytest.approx(120, abs=3)  # r waits: serving (the idle bound)
+    assert 0 < s.training_budget({}) < 4096  # r waits: bounded by its first-token deadline
     _run(s, s.schedule())
     s.remove(r)
+    clock.now += 1.0
     assert s.training_budget({}) == 4096  # a zero-second window has passed
-    with pytest.raises(ValueError, match="serving_window_seconds"):
-        SchedulerConfig(serving_window_seconds=-1)
-
 
 def test_running_requests_keep_their_tpot_while_long_prompts_arrive():
     """Eight requests decode while eight long prompts (400 tokens each) arrive. Steps cost a known

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from loramux import JobState, LoraConfig, SamplingParams, TrainingConfig
+from loramux import SLO, JobState, LoraConfig, SamplingParams, TrainingConfig
 from loramux.datasets.reverse_words import reverse_words
 from loramux.training.checkpoint import latest_checkpoint
 from loramux.training.optim import learning_rate
@@ -204,15 +204,22 @@ def test_events_checkpoints_and_resume_continue_the_same_curve(tiny_engine, tmp_
     second.load_adapter("from-ckpt", latest_checkpoint(tmp_path / "cut"))
 
 
-def test_training_rows_fill_the_step_and_never_starve(tiny_engine):
-    """With requests running, training still gets rows: at least its minimum share over time."""
-    from loramux import EngineConfig, SchedulerConfig
-
-    engine = tiny_engine(config=EngineConfig(kv_cache_memory=16 * 2**20, scheduler=SchedulerConfig(min_train_tokens=8)))
+@pytest.mark.parametrize("tpot, trains_beside_requests", [(1000.0, True), (1e-9, False)])
+def test_training_takes_only_what_running_requests_can_afford(tiny_engine, tpot, trains_beside_requests):
+    """Requests with time in hand (a TPOT target no step comes near) leave room for training rows
+    in their steps; requests already late (a TPOT target every step misses) get steps without
+    training, however long training has waited, and the job goes on once they are done."""
+    engine = tiny_engine()
     job = engine.create_job("s", reverse_words(40, seed=0), lora=LORA, training=TrainingConfig(epochs=1, batch_size=2))
-    engine.scheduler.rows_within_target = lambda kind, beside, extra_seconds=0.0: 0  # latency leaves no room at all
-    for i in range(60):
-        if i % 5 == 0:
-            engine.add_request("Hello", None, SamplingParams(max_tokens=8, ignore_eos=True))
+    slo = SLO(ttft=1000.0, tpot=tpot)
+    requests = [engine.add_request("Hello", None, SamplingParams(max_tokens=8, ignore_eos=True), slo=slo) for _ in range(3)]
+    tokens_beside_requests = 0
+    while engine.has_unfinished:
+        before, decoding = job.train_tokens, any(r.output_ids and r.id in engine.requests for r in requests)
         engine.step()
-    assert job.step > 0 and job.train_tokens > 0
+        if decoding:  # a request's next token is due in this step
+            tokens_beside_requests += job.train_tokens - before
+    assert (tokens_beside_requests > 0) == trains_beside_requests
+    while job.step == 0:
+        engine.step()
+    assert job.train_tokens > 0

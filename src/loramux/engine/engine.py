@@ -120,7 +120,7 @@ class Engine:
         self.trainer = Trainer(self.model, writer, clock)
         self.requests: dict[str, Request] = {}
         self._order = itertools.count()
-        self._sampled_version: int | None = None  # the adapters' weights version of the last step
+        self._sampled_layout: int | None = None  # the adapters' layout version of the last step
         eos = set(loaded.config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -338,7 +338,7 @@ class Engine:
         of the scheduler itself are engine bugs and propagate (the server's loop then fails every
         request in flight, see server/engine_loop.py)."""
         scheduled = self.scheduler.schedule()
-        started, version = time.perf_counter(), self.model.weights_version
+        started, layout = time.perf_counter(), self.adapters.layout_version
         chunks = [
             Chunk(
                 c.request.tokens(c.start, c.end),
@@ -355,7 +355,7 @@ class Engine:
         wants_training = self.trainer.wants_work
         work = self.trainer.take_work(self.scheduler.training_budget(row_counts)) if wants_training else []
         if not chunks and not work:
-            self.scheduler.note_step(0.0, 0, wants_training)  # training's credit still grows
+            self.scheduler.note_step(0, wants_training)  # training's credit still grows
             if self.trainer.writer.busy:  # only writes to wait for: wait for one, briefly
                 self.trainer.writer.wait_any(timeout=IDLE_WRITE_WAIT)
             self.trainer.poll()
@@ -383,12 +383,14 @@ class Engine:
         for item in work:
             row_counts[item.kind] += len(item.sample)
         seconds = time.perf_counter() - started
-        self.scheduler.note_step(seconds, sum(len(item.sample) for item in work), wants_training)
-        # The engine's first step, and the first after adapters changed, pay one-time costs (weight
-        # packing, page faults, stacking the adapters: 2.5 s after registering 64): no sample.
-        if version == self._sampled_version:
+        self.scheduler.note_step(sum(len(item.sample) for item in work), wants_training)
+        # The engine's first step, and the first after adapters were installed or removed, pay
+        # one-time costs (weight packing, page faults, stacking the adapters): no sample. Steps
+        # after an optimizer step are samples: rewriting the trained slot is part of what training
+        # costs, and training's rows must be measured for the scheduler to price them.
+        if layout == self._sampled_layout:
             self.scheduler.cost.record(row_counts, seconds)
-        self._sampled_version = version
+        self._sampled_layout = layout
         return outputs
 
     def _fail_step(self, chunks: list[ScheduledChunk], work: list[WorkItem], error: str) -> list[RequestOutput]:

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -25,21 +25,22 @@ class SchedulerConfig:
     """max_step_tokens: hard cap on rows per step. max_running: requests holding KV at once.
     max_waiting: queue bound (admission control). max_prefill_chunk: prompt tokens of one request per
     step. min_prefill_tokens: prefill progress per step even when the latency budget is spent, so
-    waiting requests never starve. min_train_tokens: training's minimum share: each step that
-    training wanted rows and got none adds this many rows to its next budget, so it never starves.
-    While requests run, training also spends the time that steps saved under the target (see
-    `note_step`), up to `saved_steps_cap` targets ahead: a TPOT is an average over a request's
-    tokens, so one long step with a training sample is fine after a few short ones.
+    waiting requests never starve.
+
+    Training takes what the requests can afford (`training_budget`): while any request runs or
+    waits, a step with training rows may take `step_time_share` of the time the tightest of them
+    has before its next token is due (its slack: a TPOT target is an average, so a request whose
+    steps were short has saved time that a training sample may spend), by the costs measured on
+    this machine; a sample that does not fit waits, it is never forced in beside requests.
+    min_train_tokens: training's minimum share while nothing runs: each such step that training
+    wanted rows and got none adds this many rows to its next budget, so it never starves.
     idle_train_seconds: the longest a step may take while no request runs (training alone) but one
     arrived within the last `serving_window_seconds`: a request arriving during such a step waits
     that long before its prefill can start. Outside the window (say, a fine-tuning run with no
     traffic) training steps are bounded by max_step_tokens alone, so the split of an optimizer
     batch over steps does not depend on measured timings (a resumed run repeats it exactly).
-    step_time_share: the share of the tightest TPOT target a step may
-    take (the rest is headroom for sampling, streaming and noise). With a fine-tuning job and 1-3
-    req/s (`loramux bench unified`), 0.8 and 2 targets saved gave the job 46-48% of its solo speed
-    at TPOT p90 206-221 ms; 0.9 and 4 give it 51-55% at 229-237 ms, 97-100% of requests within
-    both targets (docs/benchmarks.md)."""
+    step_time_share: the share of the time a step may plan to take (the rest is headroom for
+    sampling, streaming and the cost model's error)."""
 
     max_step_tokens: int = 512
     max_running: int = 64
@@ -50,7 +51,6 @@ class SchedulerConfig:
     idle_train_seconds: float = 0.5
     serving_window_seconds: float = 30.0
     step_time_share: float = 0.9
-    saved_steps_cap: float = 4.0
     default_slo: SLO = field(default_factory=SLO)
 
     def __post_init__(self) -> None:
@@ -63,8 +63,6 @@ class SchedulerConfig:
             raise ValueError("serving_window_seconds must not be negative")
         if not 0 < self.step_time_share <= 1:
             raise ValueError("step_time_share must be in (0, 1]")
-        if self.saved_steps_cap < 0:
-            raise ValueError("saved_steps_cap must not be negative")
 
 
 class StepCostModel:
@@ -140,14 +138,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: PagedKVCache) -> None:
+    """clock: seconds on the clock the requests' metrics use (the engine's perf_counter; tests
+    pass a fake one)."""
+
+    def __init__(self, config: SchedulerConfig, kv: PagedKVCache, clock: Callable[[], float] = time.perf_counter) -> None:
         self.config = config
         self.kv = kv
+        self.clock = clock
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cost = StepCostModel()
         self._train_credit = 0
-        self._saved_seconds = 0.0
         self._last_arrival: float | None = None
 
     @property
@@ -164,12 +165,12 @@ class Scheduler:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"the queue is full ({self.config.max_waiting} waiting requests); retry later")
         self.waiting.append(request)
-        self._last_arrival = time.perf_counter()
+        self._last_arrival = self.clock()
 
     @property
     def serving(self) -> bool:
         """A request runs, waits, or arrived within the serving window."""
-        recent = self._last_arrival is not None and time.perf_counter() - self._last_arrival < self.config.serving_window_seconds
+        recent = self._last_arrival is not None and self.clock() - self._last_arrival < self.config.serving_window_seconds
         return self.has_work or recent
 
     def remove(self, request: Request) -> None:
@@ -184,11 +185,11 @@ class Scheduler:
         """Seconds a step may take while requests run: a share of their tightest TPOT target."""
         return self.config.step_time_share * min(r.slo.tpot for r in self.running)
 
-    def rows_within_target(self, kind: RowKind, beside: Mapping[RowKind, int], extra_seconds: float = 0.0) -> int:
+    def rows_within_target(self, kind: RowKind, beside: Mapping[RowKind, int]) -> int:
         """Rows of `kind` the next step may carry beside `beside` so that it fits the tightest TPOT
-        target of the running requests (plus `extra_seconds`); while none runs, training rows fit
-        `idle_train_seconds` inside the serving window (up to max_step_tokens in all cases, and
-        while nothing is measured yet)."""
+        target of the running requests; while none runs, training rows fit `idle_train_seconds`
+        inside the serving window (up to max_step_tokens in all cases, and while nothing is
+        measured yet)."""
         cfg = self.config
         room = cfg.max_step_tokens - sum(beside.values())
         if not self.running:
@@ -196,32 +197,45 @@ class Scheduler:
                 return room
             target = cfg.idle_train_seconds
         else:
-            target = self.step_target() + extra_seconds
+            target = self.step_target()
         fits = self.cost.max_rows_within(target, kind, beside)
         return room if fits is None else min(fits, room)
 
+    def affordable_seconds(self) -> float:
+        """How long the next step may take before the tightest request misses a target: for a
+        request that is decoding, the time until its next token is due (first token + TPOT target x
+        tokens so far: what its earlier short steps saved is spendable); for one whose first token
+        is still to come, the time until its TTFT deadline less the measured cost of the prompt
+        rows it still needs. Negative when a request is already late."""
+        now = self.clock()
+        fit = self.cost.fit()
+        prefill_rate = fit[1][StepCostModel.KINDS.index(RowKind.PREFILL)] if fit is not None else 0.0
+        return min(
+            r.deadline() - now - (prefill_rate * r.num_pending if r.metrics.first_token is None else 0.0)
+            for r in (*self.running, *self.waiting)
+        )
+
     def training_budget(self, beside: Mapping[RowKind, int]) -> int:
-        """Rows training (TRAIN and EVAL samples) may add to a step that carries `beside`: what is
-        left within the latency target and the time earlier steps saved under it, or the credit
-        training has earned while starved."""
-        return max(self.rows_within_target(RowKind.TRAIN, beside, self._saved_seconds), self._train_credit)
+        """Rows training (TRAIN and EVAL samples) may add to a step that carries `beside`.
 
-    def note_step(self, seconds: float, train_rows: int, wanted_training: bool) -> None:
-        """After each step: its wall time, the training rows it ran, and whether training wanted rows.
+        While requests run or wait: the rows that keep the step within `step_time_share` of what
+        the tightest request can afford (`affordable_seconds`), by the measured costs (none before
+        any step is measured); no credit forces a sample in. Otherwise the idle bound, or the
+        credit training has earned while starved."""
+        if self.running or self.waiting:
+            room = self.config.max_step_tokens - sum(beside.values())
+            fits = self.cost.max_rows_within(self.config.step_time_share * self.affordable_seconds(), RowKind.TRAIN, beside)
+            return 0 if fits is None else min(fits, room)
+        return max(self.rows_within_target(RowKind.TRAIN, beside), self._train_credit)
 
-        While training waits and requests run, every step adds (target - its time) to the time
-        training may spend beyond a step's target: short steps save, long ones (with a training
-        sample) pay back; the balance stays within [-1, saved_steps_cap] targets.
-        """
-        if wanted_training and train_rows == 0:
+    def note_step(self, train_rows: int, wanted_training: bool) -> None:
+        """After each step: the training rows it ran, and whether training wanted rows. A step with
+        no request running or waiting in which training wanted rows and got none earns training
+        `min_train_tokens` of credit; rows run, or requests to serve, reset it."""
+        if wanted_training and train_rows == 0 and not (self.running or self.waiting):
             self._train_credit += self.config.min_train_tokens
         else:
             self._train_credit = 0
-        if wanted_training and self.running:
-            target = self.step_target()
-            self._saved_seconds = min(max(self._saved_seconds + target - seconds, -target), self.config.saved_steps_cap * target)
-        else:
-            self._saved_seconds = 0.0
 
     def schedule(self) -> SchedulerOutput:
         preempted: list[Request] = []
@@ -242,7 +256,7 @@ class Scheduler:
         budget = self.rows_within_target(RowKind.PREFILL, {RowKind.DECODE: len(chunks)})
         # Requests already past their first-token deadline get their prompts in regardless of the
         # running requests' TPOT: trickling them in would only make both targets miss for longer.
-        now = time.perf_counter()
+        now = self.clock()
         late = sum(r.num_pending for r in (*self.running, *self.waiting) if r.metrics.first_token is None and r.deadline() < now)
         prefill_budget = max(budget, self.config.min_prefill_tokens, min(late, self.config.max_step_tokens - len(chunks)))
         # After a preemption memory is short: admit nobody new this step (the preempted would thrash).

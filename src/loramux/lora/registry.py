@@ -38,6 +38,7 @@ class AdapterRegistry:
         self.generations = model.adapter_generations
         self._adapters: dict[str, LoraAdapter] = {}
         self._slots: dict[str, int] = {}
+        self.layout_version = 0  # moves when an adapter is installed or removed (not on in-place updates)
 
     def __contains__(self, name: str) -> bool:
         return name in self._adapters
@@ -74,6 +75,7 @@ class AdapterRegistry:
             self.model.linear(*key).set_adapter(slot, adapter.layer_weights(key))
         self._adapters[adapter.name], self._slots[adapter.name] = adapter, slot
         self.generations.bump(slot)
+        self.layout_version += 1
         return slot
 
     def remove(self, name: str) -> LoraAdapter:
@@ -82,6 +84,7 @@ class AdapterRegistry:
         for key in adapter.weights:
             self.model.linear(*key).remove_adapter(slot)
         self.generations.bump(slot)
+        self.layout_version += 1
         return adapter
 
     def mark_updated(self, name: str) -> None:
