@@ -13,12 +13,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from types import SimpleNamespace
 
+import httpx
 import pytest
 
 from loramux.bench.machine import _own_cpu_seconds, stop_session
 from loramux.bench.records import RequestRecord, percentile, summarize
 from loramux.bench.workload import Workload, make_requests, training_records
+from loramux.cli import _latency_summary, main
+from loramux.engine.requests import SLO, RequestMetrics
 
 POOL = list(range(1000, 9000))
 
@@ -165,13 +169,71 @@ def test_quick_finetune_setting(tmp_path):
     assert 1.5 < scenarios["loramux-2"]["tokens"] / scenarios["loramux-1"]["tokens"] < 2.5
 
 
+def _assert_unified(report: dict, out, systems: set[str]) -> None:
+    """Both reply lengths at the (one) quick rate, for every system: complete requests of their
+    length, a solo training speed, and a training speed and share of solo beside the requests."""
+    config, results = report["config"], report["results"]
+    rate = config["rates"][0]
+    lengths = {config["workload"]["output_tokens"], config["short_output_tokens"]}
+    assert config["short_output_tokens"] == 16 and len(lengths) == 2  # the short replies are swept by default
+    labels = {f"{n} tokens, {rate:g} req/s" for n in lengths}
+    assert set(results["training"]) == set(results["summaries"]) == systems
+    for system, t in results["training"].items():
+        assert t["solo_tokens_per_second"] > 0 and len(t["solo_progress"]) >= 2
+        assert set(t["rates"]) == set(results["summaries"][system]) == labels
+        for label, r in t["rates"].items():
+            assert r["tokens_per_second"] >= 0 or math.isnan(r["tokens_per_second"])  # a quick window may see no step end
+            records = results["records"][system][label]
+            _assert_complete(records)
+            assert {rec["max_tokens"] for rec in records} <= set(range(4, 17))
+    md = (out / "report.md").read_text()
+    assert all(f"| {system} | {n} | {rate:g} |" in md for system in systems for n in lengths)
+
+
 @pytest.mark.integration
 def test_quick_unified_setting(tmp_path):
     report = _bench(tmp_path, "unified")
-    training, summaries = report["results"]["training"], report["results"]["summaries"]
-    rate = f"{report['config']['rates'][0]:g}"
-    assert set(training) == set(summaries) == {"loramux", "transformers + PEFT"}
-    for system, t in training.items():
-        assert t["solo_tokens_per_second"] > 0
-        assert t["rates"][rate]["tokens_per_second"] > 0  # training went on while serving
-        _assert_complete(report["results"]["records"][system][rate])
+    _assert_unified(report, tmp_path / "unified", {"loramux", "transformers + PEFT"})
+    for system, t in report["results"]["training"].items():
+        assert all(r["tokens_per_second"] > 0 for r in t["rates"].values())  # training went on while serving
+
+
+@pytest.mark.integration
+def test_quick_unified_setting_through_the_server(tmp_path):
+    """`--http`: `loramux serve` in a child process, a fine-tuning job of default settings made over
+    the API, chat completions; the job is cancelled and the server stopped at the end."""
+    report = _bench(tmp_path, "unified", "--http")
+    assert report["config"]["through_server"] is True and report["config"]["peers"]["peft"] is False
+    _assert_unified(report, tmp_path / "unified", {"loramux HTTP"})
+    job = report["results"]["training"]["loramux HTTP"]["job"]
+    assert job["status"] == "cancelled" and job["trained_tokens"] > 0
+    assert job["hyperparameters"] == {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0}
+    assert job["training"]["max_steps"] == 1_000_000 and job["training"]["checkpoint_every"] == 10
+    for records in report["results"]["records"]["loramux HTTP"].values():  # chat: the template lengthens the prompt
+        assert all(r["prompt_tokens"] > 16 for r in records)
+    with pytest.raises(httpx.HTTPError):  # the server is gone
+        httpx.get("http://127.0.0.1:8310/v1/models", timeout=2.0)
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["unified", "--http", "--no-peft", "--train-batch", "4"], "--no-peft, --train-batch cannot be used with --http"),
+    (["inference", "--http"], "--http applies to the unified setting only"),
+    (["unified", "--http", "--ttft", "1"], "--ttft and --tpot must be those"),
+    (["finetune", "--short-output-tokens", "16"], "--short-output-tokens applies to the unified setting only"),
+])
+def test_options_that_would_be_ignored_are_refused(argv, named, capsys, monkeypatch):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # what main() would set, undone after the test
+    assert main(["bench", *argv, "--quick"]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_demo_latency_summary_from_the_requests_metrics():
+    def request(ttft: float, tokens: int, tpot: float) -> SimpleNamespace:
+        return SimpleNamespace(metrics=RequestMetrics(arrival=10.0, first_token=10.0 + ttft, num_output_tokens=tokens,
+                                                      finished=10.0 + ttft + tpot * (tokens - 1)))
+
+    requests = [request(0.5, 11, 0.1), request(3.0, 11, 0.1), request(0.2, 5, 0.5), request(1.0, 1, 0.0)]
+    line = _latency_summary(requests, SLO(ttft=2.0, tpot=0.25))
+    # within both: the first and the one-token request; TPOTs 0.1, 0.1, 0.5 (p50 0.1, p90 0.42)
+    assert "4 requests" in line and "2 (50%) within both latency targets (TTFT 2 s, 250 ms per token)" in line
+    assert "TTFT p50 0.75 s" in line and "time per token p50 100 ms, p90 420 ms" in line

@@ -344,6 +344,22 @@ class ProgressLine:
             self.stream.flush()
 
 
+def _latency_summary(requests: list, slo) -> str:
+    """How the demo's requests (all finished) fared against `slo`, the latency targets the engine
+    scheduled them for, from their own metrics: the share within both targets (TTFT and mean time
+    per output token after the first), TTFT p50 and time per token p50/p90 (of requests of two or
+    more tokens)."""
+    from loramux.bench.records import percentile
+
+    met = sum(r.metrics.meets(slo) for r in requests)
+    ttfts = [r.metrics.ttft for r in requests if r.metrics.ttft is not None]
+    tpots = [r.metrics.tpot for r in requests if r.metrics.tpot is not None]
+    return (f"Meanwhile {len(requests)} requests were served to base/poet/coder: {met} ({100 * met / len(requests):.0f}%) "
+            f"within both latency targets (TTFT {slo.ttft:g} s, {slo.tpot * 1000:.0f} ms per token); TTFT p50 "
+            f"{percentile(ttfts, 50):.2f} s, time per token p50 {percentile(tpots, 50) * 1000:.0f} ms, "
+            f"p90 {percentile(tpots, 90) * 1000:.0f} ms.")
+
+
 def _demo(args) -> int:
     """The main job on the default model: serve requests on two adapters and the base model while
     fine-tuning a third adapter in the same steps, then answer with the new adapter."""
@@ -382,12 +398,8 @@ def _demo(args) -> int:
             progress.update(event.message, event.data, job.last_eval_loss)
         seen = len(job.events)
     progress.close()
-    done = [r for r in served if r.metrics.tpot is not None]
-    if done:
-        ttft = sorted(r.metrics.ttft for r in done)[len(done) // 2]
-        tpot = sorted(r.metrics.tpot for r in done)[len(done) // 2]
-        say(f"\nMeanwhile {len(done)} requests were served to base/poet/coder: median TTFT {ttft:.2f}s, "
-            f"median time per token {tpot * 1000:.0f} ms.")
+    if served:
+        say("\n" + _latency_summary(served, engine.config.scheduler.default_slo))
 
     outs = engine.generate([r["prompt"] for r in held_out], "reverser", max_tokens=8)
     exact = sum(o.text.strip() == r["completion"].strip() for o, r in zip(outs, held_out))

