@@ -168,26 +168,28 @@ def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
     _fitted_training_costs(s)
     (r,) = _decoding(s, (clock.now, 1, 0.25))  # its next token is due in 0.25 s
     rows = lambda seconds: pytest.approx((seconds - 0.02 - 0.004) / 0.004, abs=3)  # beside r's decode row
-    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.8 * 0.25)
+    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.8 * 0.25)  # planned at 0.8 x its target
     s.remove(r)  # r has just finished: nothing runs, but requests are arriving
     assert s.training_budget({}) == pytest.approx((0.5 - 0.02) / 0.004, abs=3)  # 120 rows, not 4096
 
 
 def test_training_spends_the_slack_of_the_tightest_request_and_nothing_more():
     """A request whose steps were short has time in hand (its TPOT is an average); training may
-    take share x the smallest such time of all requests, and nothing once a request is late."""
+    take the smallest such time of all requests, planned against share x their targets, and
+    nothing once a request is behind."""
     clock = FakeClock(100.0)
     s = _scheduler(max_step_tokens=4096, step_time_share=0.8, min_train_tokens=1000, clock=clock)
     _fitted_training_costs(s)
     rows = lambda seconds: pytest.approx(max((seconds - 0.02 - 0.004 * 2) / 0.004, 0), abs=3)  # beside two decode rows
-    # a: 6 tokens, 0.25 s each allowed since 99.0, so due at 100.5; b: due at 99.5 + 4 x 0.5 = 101.5
+    # planned at 0.8 x their TPOT targets: a has 6 tokens since 99.0, its next due at 99.0 + 0.8 x
+    # 6 x 0.25 = 100.2; b at 99.5 + 0.8 x 4 x 0.5 = 101.1
     a, b = _decoding(s, (99.0, 6, 0.25), (99.5, 4, 0.5))
-    assert s.training_budget({RowKind.DECODE: 2}) == rows(0.8 * 0.5)  # a, the tighter, has 0.5 s in hand
-    clock.now = 100.3
-    assert s.training_budget({RowKind.DECODE: 2}) == rows(0.8 * 0.2)
-    a.output_ids.append(7)  # a's next token came: due at 100.75
-    assert s.training_budget({RowKind.DECODE: 2}) == rows(0.8 * 0.45)
-    clock.now = 101.0  # a is late: no training, and no credit forces it in while requests run
+    assert s.training_budget({RowKind.DECODE: 2}) == rows(0.2)  # a, the tighter, has 0.2 s in hand
+    clock.now = 100.1
+    assert s.training_budget({RowKind.DECODE: 2}) == rows(0.1)
+    a.output_ids.append(7)  # a's next token came: due at 99.0 + 0.8 x 7 x 0.25 = 100.4
+    assert s.training_budget({RowKind.DECODE: 2}) == rows(0.3)
+    clock.now = 101.0  # a is behind: no training, and no credit forces it in while requests run
     for _ in range(5):
         s.note_step(0, wanted_training=True)
     assert s.training_budget({RowKind.DECODE: 2}) == 0

@@ -202,29 +202,39 @@ class Scheduler:
         return room if fits is None else min(fits, room)
 
     def affordable_seconds(self) -> float:
-        """How long the next step may take before the tightest request misses a target: for a
-        request that is decoding, the time until its next token is due (first token + TPOT target x
-        tokens so far: what its earlier short steps saved is spendable); for one whose first token
-        is still to come, the time until its TTFT deadline less the measured cost of the prompt
-        rows it still needs. Negative when a request is already late."""
-        now = self.clock()
+        """How long the next step may take before the tightest request falls behind its plan, a
+        `step_time_share` of its targets (the rest is headroom for what a step's plan does not
+        see: sampling, streaming, the cost model's error): for a request that is decoding, the
+        time until its next token is due (first token + share x TPOT target x tokens so far: what
+        its earlier short steps saved is spendable); for one whose first token is still to come,
+        the time until arrival + share x TTFT target less the measured cost of the prompt rows it
+        still needs. Negative when a request is behind."""
+        due = self._planned_due()
+        return min(due(r) for r in (*self.running, *self.waiting)) - self.clock()
+
+    def _planned_due(self) -> Callable[[Request], float]:
+        """When each request's next token is due by its plan (`affordable_seconds`)."""
+        share = self.config.step_time_share
         fit = self.cost.fit()
         prefill_rate = fit[1][StepCostModel.KINDS.index(RowKind.PREFILL)] if fit is not None else 0.0
-        return min(
-            r.deadline() - now - (prefill_rate * r.num_pending if r.metrics.first_token is None else 0.0)
-            for r in (*self.running, *self.waiting)
-        )
+
+        def due(r: Request) -> float:
+            if r.metrics.first_token is None:
+                return r.metrics.arrival + share * r.slo.ttft - prefill_rate * r.num_pending
+            return r.metrics.first_token + share * r.slo.tpot * len(r.output_ids)
+
+        return due
 
     def training_budget(self, beside: Mapping[RowKind, int]) -> int:
         """Rows training (TRAIN and EVAL samples) may add to a step that carries `beside`.
 
-        While requests run or wait: the rows that keep the step within `step_time_share` of what
-        the tightest request can afford (`affordable_seconds`), by the measured costs (none before
-        any step is measured); no credit forces a sample in. Otherwise the idle bound, or the
-        credit training has earned while starved."""
+        While requests run or wait: the rows that keep the step within what the tightest request
+        can afford (`affordable_seconds`), by the measured costs (none before any step is
+        measured); no credit forces a sample in. Otherwise the idle bound, or the credit training
+        has earned while starved."""
         if self.running or self.waiting:
             room = self.config.max_step_tokens - sum(beside.values())
-            fits = self.cost.max_rows_within(self.config.step_time_share * self.affordable_seconds(), RowKind.TRAIN, beside)
+            fits = self.cost.max_rows_within(self.affordable_seconds(), RowKind.TRAIN, beside)
             return 0 if fits is None else min(fits, room)
         return max(self.rows_within_target(RowKind.TRAIN, beside), self._train_credit)
 
@@ -254,10 +264,11 @@ class Scheduler:
                 chunks.append(ScheduledChunk(request, request.num_computed, request.num_tokens))
         # 2. Prefill chunks by deadline: partly prefilled running requests, then waiting ones.
         budget = self.rows_within_target(RowKind.PREFILL, {RowKind.DECODE: len(chunks)})
-        # Requests already past their first-token deadline get their prompts in regardless of the
-        # running requests' TPOT: trickling them in would only make both targets miss for longer.
-        now = self.clock()
-        late = sum(r.num_pending for r in (*self.running, *self.waiting) if r.metrics.first_token is None and r.deadline() < now)
+        # Requests behind their first-token plan (arrival + share x TTFT, less what their prompt
+        # rows cost) get their prompts in regardless of the running requests' TPOT: trickling them
+        # in would make their TTFT miss, and both targets miss for longer.
+        now, due = self.clock(), self._planned_due()
+        late = sum(r.num_pending for r in (*self.running, *self.waiting) if r.metrics.first_token is None and due(r) < now)
         prefill_budget = max(budget, self.config.min_prefill_tokens, min(late, self.config.max_step_tokens - len(chunks)))
         # After a preemption memory is short: admit nobody new this step (the preempted would thrash).
         waiting = [] if preempted else list(self.waiting)
