@@ -45,6 +45,16 @@ def ours_from_hf(hf, dtype=torch.float32):
     return build_model(config, dict(hf.state_dict()), dtype=dtype)
 
 
+class FakeClock:
+    """Seconds that pass only when the test says so (for the scheduler's and training's clocks)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture(scope="session")
 def default_engine():
     """The real default model (SmolLM2-135M-Instruct), fp32, loaded once per test session."""

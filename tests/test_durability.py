@@ -17,21 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import FakeClock
+
 from loramux import JobState, LoraConfig, TrainingConfig
 from loramux.datasets.reverse_words import reverse_words
 from loramux.engine.engine import Engine, EngineConfig
 
 LORA = LoraConfig(r=8, alpha=16, target_modules="all-linear")
-
-
-class FakeClock:
-    """Seconds that pass only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _engine(tiny_engine, clock) -> Engine:
@@ -230,7 +222,7 @@ def test_twenty_jobs_in_a_row_leave_the_trainer_and_the_job_service_as_they_foun
         records, tensors, rss = [], [], []
         for _ in range(20):
             records.append(asyncio.run(one_job()))
-            tensors.append(asyncio.run(_call(loop, lambda e: _live_tensors())))
+            tensors.append(asyncio.run(loop.call(lambda e: _live_tensors())))
             rss.append(_rss_bytes())
     finally:
         loop.stop()
@@ -241,10 +233,6 @@ def test_twenty_jobs_in_a_row_leave_the_trainer_and_the_job_service_as_they_foun
     assert engine.trainer.jobs == {} and not jobs._live and len(engine.trainer.finished) == 20
     assert all(n <= tensors[1] for n in tensors[2:]), tensors
     assert rss[-1] - rss[1] < 64 * 2**20, [r // 2**20 for r in rss]
-
-
-async def _call(loop, fn):
-    return await loop.call(fn)
 
 
 if __name__ == "__main__":

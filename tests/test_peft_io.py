@@ -268,7 +268,7 @@ def _edit_config(directory: Path, **changes) -> None:
 
 def _assert_refused(engine: Engine, directory: Path, *needles: str) -> str:
     names, entries = engine.adapters.names(), _adapter_entries(engine.model)
-    version = engine.model.weights_version
+    version = engine.adapters.generations.version
     with pytest.raises(AdapterError) as info:
         engine.load_adapter("bad", directory)
     message = str(info.value)
@@ -277,7 +277,7 @@ def _assert_refused(engine: Engine, directory: Path, *needles: str) -> str:
     assert "bad" not in engine.adapters
     assert engine.adapters.names() == names
     assert _adapter_entries(engine.model) == entries
-    assert engine.model.weights_version == version
+    assert engine.adapters.generations.version == version
     return message
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import make_tiny_hf, ours_from_hf
+from conftest import FakeClock, make_tiny_hf, ours_from_hf
 from loramux.batch import RowKind
 from loramux.engine.requests import SLO, Request, RequestMetrics, RequestState
 from loramux.engine.sampling import SamplingParams
@@ -136,16 +136,6 @@ def _fitted_training_costs(s: Scheduler) -> None:
         s.cost.record({RowKind.DECODE: decode, RowKind.TRAIN: train}, 0.02 + 0.004 * decode + 0.004 * train)
 
 
-class FakeClock:
-    """The scheduler's clock, moved by the test."""
-
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _decoding(s: Scheduler, *specs: tuple[float, int, float]) -> list[Request]:
     """Requests admitted and prefilled together; spec (first_token, tokens, tpot): each produced
     its first token at `first_token` and has `tokens` output tokens now."""
@@ -163,7 +153,7 @@ def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
     """Within the serving window, a step of training rows with no request running may take
     idle_train_seconds (by the fitted costs), not max_step_tokens rows; with a request running
     its next token's due time bounds it instead."""
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, step_time_share=0.8, clock=clock)
     _fitted_training_costs(s)
     (r,) = _decoding(s, (clock.now, 1, 0.25))  # its next token is due in 0.25 s
@@ -212,7 +202,7 @@ def test_a_waiting_request_keeps_time_for_its_prompt_before_its_first_token_dead
 def test_training_outside_the_serving_window_is_bounded_by_rows_not_timings():
     """With no request arrived within serving_window_seconds, a training step is bounded by
     max_step_tokens alone, whatever the fitted costs, so its split of a batch is deterministic."""
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, serving_window_seconds=0.0, clock=clock)
     _fitted_training_costs(s)
     assert s.training_budget({}) == 4096  # nothing ever arrived

@@ -234,6 +234,17 @@ LOCAL_ONLY = {"output_dir": "--output-dir", "checkpoint_dir": "--checkpoint-dir"
               "model": "--model", "cache_dir": "--cache-dir", "dtype": "--dtype"}
 
 
+# TrainingConfig options the CLI passes as they are, locally and in a server job's `training` block
+# (OpenAI's hyperparameters and the seed carry the rest).
+TRAINING_OPTIONS = ("max_steps", "gradient_accumulation", "micro_batch_tokens", "lr_schedule", "warmup_steps",
+                    "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every", "checkpoint_interval")
+
+
+def _training_options(args) -> dict:
+    """The finetune command's TRAINING_OPTIONS; --max-grad-norm 0 means no clipping (None)."""
+    return {name: getattr(args, name) for name in TRAINING_OPTIONS} | {"max_grad_norm": args.max_grad_norm or None}
+
+
 def _finetune_on_server(args) -> int:
     given = [flag for name, flag in LOCAL_ONLY.items() if getattr(args, name) is not None]
     if given:
@@ -248,11 +259,7 @@ def _finetune_on_server(args) -> int:
         "suffix": args.name, "seed": args.seed,
         "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.learning_rate / 2e-4},
         "lora": {"r": args.rank, "alpha": args.alpha, "dropout": args.dropout, "target_modules": targets, "use_rslora": args.rslora},
-        "training": {"max_steps": args.max_steps, "gradient_accumulation": args.gradient_accumulation,
-                     "micro_batch_tokens": args.micro_batch_tokens, "lr_schedule": args.lr_schedule,
-                     "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm or None,
-                     "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every,
-                     "checkpoint_interval": args.checkpoint_interval},
+        "training": _training_options(args),
     })
     print(f"job {job['id']} submitted to {args.server}", file=sys.stderr, flush=True)
     progress = ProgressLine(sys.stderr)
@@ -277,13 +284,8 @@ def _finetune(args) -> int:
 
     targets = "all-linear" if args.target_modules == "all-linear" else tuple(t.strip() for t in args.target_modules.split(","))
     lora = LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=targets, use_rslora=args.rslora)
-    training = TrainingConfig(
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        gradient_accumulation=args.gradient_accumulation, micro_batch_tokens=args.micro_batch_tokens,
-        learning_rate=args.learning_rate, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
-        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, checkpoint_interval=args.checkpoint_interval,
-    )
+    training = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+                              **_training_options(args))
     engine = _engine(args)
     if args.adapter_init:
         engine.load_adapter(args.name, args.adapter_init)

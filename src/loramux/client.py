@@ -9,6 +9,8 @@ from typing import Callable, Iterator
 import httpx
 
 
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")  # of a fine-tuning job
+
 class ServerError(ValueError):
     """The server answered with an error; the message is the server's."""
 
@@ -57,6 +59,9 @@ class Client:
     def job(self, job_id: str) -> dict:
         return self._call("GET", f"/fine_tuning/jobs/{job_id}")
 
+    def cancel_job(self, job_id: str) -> dict:
+        return self._call("POST", f"/fine_tuning/jobs/{job_id}/cancel")
+
     def follow(self, job_id: str, poll: float = 1.0, sleep: Callable[[float], None] = time.sleep) -> Iterator[tuple[dict, list[dict]]]:
         """Yields (job, new events oldest first) until the job is finished."""
         seen: set[str] = set()
@@ -66,6 +71,6 @@ class Client:
             new = [e for e in reversed(events) if e["id"] not in seen]
             seen.update(e["id"] for e in new)
             yield job, new
-            if job["status"] in ("succeeded", "failed", "cancelled"):
+            if job["status"] in FINAL_STATUSES:
                 return
             sleep(poll)

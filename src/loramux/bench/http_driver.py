@@ -26,10 +26,9 @@ from loramux.bench.machine import stop_session
 from loramux.bench.options import BenchOptions, loramux_command
 from loramux.bench.records import RequestRecord
 from loramux.bench.workload import BenchRequest
-from loramux.client import Client
+from loramux.client import FINAL_STATUSES, Client
 
 PORT_LORAMUX = 8310
-JOB_FINAL = ("succeeded", "failed", "cancelled")
 
 
 def _call(r: BenchRequest, model: str, chat: Callable[[list[int]], str] | None) -> tuple[str, dict]:
@@ -174,7 +173,7 @@ class JobProgress:
         try:
             while not self._stop.wait(self.interval):
                 job = self.client.job(self.job_id)
-                if job["status"] in JOB_FINAL:
+                if job["status"] in FINAL_STATUSES:
                     raise RuntimeError(f"the fine-tuning job {self.job_id} ended ({job['status']}: {job.get('error')}) "
                                        "while it was being measured")
                 tokens = job["trained_tokens"] or 0

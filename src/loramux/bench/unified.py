@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import httpx
-
 from loramux.bench import peft_peer
 from loramux.bench.engine_driver import run_engine, warm_up
 from loramux.bench.finetune import LEARNING_RATE, peft_lora_kwargs
@@ -122,9 +120,8 @@ class UnifiedBench(EngineBench):
                         self.records[SERVER][label] = run_http(url, requests, models, decode)
                     self._report_rate(SERVER, label, watch.progress)
             finally:
-                cancelled = httpx.post(f"{url}/v1/fine_tuning/jobs/{job['id']}/cancel", timeout=60.0)
-            cancelled.raise_for_status()
-            self.training[SERVER]["job"] = cancelled.json()  # the job object as the API shows it, settings included
+                cancelled = client.cancel_job(job["id"])
+            self.training[SERVER]["job"] = cancelled  # the job object as the API shows it, settings included
 
     def _train_alone(self, system: str, step: Callable[[], object], tokens: Callable[[], int]) -> None:
         """Trains for `solo_seconds` with nothing else to do: the system's solo training tokens/s."""

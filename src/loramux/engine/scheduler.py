@@ -81,17 +81,23 @@ class StepCostModel:
         self.num_kinds = len(self.KINDS)
         self.ridge = ridge
         self.samples: deque[tuple[tuple[int, ...], float]] = deque(maxlen=window)
+        self._fit: tuple[float, tuple[float, ...]] | None = None  # of the samples as they are now
 
     def record(self, rows: Mapping[RowKind, int], seconds: float) -> None:
         self.samples.append((self._counts(rows), seconds))
+        self._fit = None
 
     def _counts(self, rows: Mapping[RowKind, int]) -> tuple[int, ...]:
         return tuple(rows.get(kind, 0) for kind in self.KINDS)
 
     def fit(self) -> tuple[float, tuple[float, ...]] | None:
-        """(fixed seconds, seconds per row of each kind in KINDS order), or None before any step."""
-        if not self.samples:
-            return None
+        """(fixed seconds, seconds per row of each kind in KINDS order), or None before any step.
+        Solved once per recorded step: a step's scheduling asks for it several times."""
+        if self._fit is None and self.samples:
+            self._fit = self._solve()
+        return self._fit
+
+    def _solve(self) -> tuple[float, tuple[float, ...]]:
         X = torch.tensor([[1.0, *c] for c, _ in self.samples], dtype=torch.float64)
         y = torch.tensor([s for _, s in self.samples], dtype=torch.float64)
         fixed = self.FIXED_SHARE_OF_CHEAPEST * float(y.min())

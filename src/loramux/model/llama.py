@@ -234,11 +234,6 @@ class LlamaModel(nn.Module):
         self._lm_head = FrozenLinear()
 
     @property
-    def weights_version(self) -> int:
-        """Moves whenever any adapter's weights change."""
-        return self.adapter_generations.version
-
-    @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 

@@ -23,9 +23,9 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
+from loramux.atomic import write_file_atomic
 from loramux.config import cache_dir
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,6 @@ def _build() -> Path:
     cache = cache_dir() / "kernels"
     target = cache / f"loramux-{digest.hexdigest()[:16]}.so"
     if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so")
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_file_atomic(target, lambda tmp: subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", str(tmp), "-lm"],
+                                                             check=True, capture_output=True, text=True))
     return target

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loramux.atomic import write_file_atomic
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (id TEXT PRIMARY KEY, created_at INTEGER, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, created_at INTEGER, status TEXT, data TEXT NOT NULL);
@@ -75,13 +77,7 @@ class Store:
 
     def add_file(self, filename: str, purpose: str, content: bytes) -> dict:
         file_id = new_id("file")
-        path = self.file_path(file_id)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_file_atomic(self.file_path(file_id), lambda tmp: tmp.write_bytes(content))
         record = {"id": file_id, "object": "file", "bytes": len(content), "created_at": int(time.time()),
                   "filename": filename, "purpose": purpose, "status": "processed", "status_details": None}
         self._exec("INSERT INTO files VALUES (?, ?, ?)", (file_id, record["created_at"], json.dumps(record)))

@@ -65,7 +65,3 @@ class Writer:
         """Blocks until every write submitted so far has finished; False if `timeout` ran out first."""
         pending = set(self._pending)
         return not wait(pending, timeout=timeout).not_done if pending else True
-
-    def close(self) -> None:
-        """Finishes the queued writes, then ends the thread."""
-        self._executor.shutdown(wait=True)
