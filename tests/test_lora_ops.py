@@ -163,6 +163,31 @@ def test_layer_regathers_tile_weights_when_the_layout_changes():
             assert (got - add_lora_loop(x @ W.T, x, seg, weights)).abs().max().item() <= 1e-4
 
 
+def test_layer_keeps_tile_weights_while_only_other_slots_change(always_tiled):
+    """An optimizer step on an adapter no tile uses (a job training beside decode steps of other
+    adapters) leaves the tiles' gathered weights current; a step on one the tiles use does not."""
+    x, W, _, weights = _setup("uniform", (4, 8), base_rows=0)
+    layer = MultiLoraLinear(IN, OUT, bias=False, name="q_proj", layer_idx=0)
+    generations = AdapterGenerations()
+    served = [0, 1, 2, 3]
+    trained = next(s for s in weights if s not in served)
+    seg = LoraSegments.from_segments(ROWS, [(24 * i, 24 * i + 24, slot) for i, slot in enumerate(served)])
+    with torch.no_grad():
+        layer.weight.copy_(W)
+        for slot, w in weights.items():
+            layer.set_adapter(slot, w)
+        layer(x, seg, builds_graph=False, generations=generations)
+        kept = layer.tiles(seg, generations)
+        weights[trained].B.mul_(2)
+        generations.bump(trained)
+        assert layer.tiles(seg, generations) is kept
+        weights[served[1]].B.mul_(2)
+        generations.bump(served[1])
+        got = layer(x, seg, builds_graph=False, generations=generations)
+    assert layer.tiles(seg, generations) is not kept
+    assert (got - add_lora_loop(x @ W.T, x, seg, weights)).abs().max().item() <= 1e-4
+
+
 def test_layer_rewrites_only_what_changed_in_its_stack():
     """After an in-place update or a removal the stack is updated where it stands (the same tensors,
     equal to a fresh build); an adapter past its slots makes a new one."""

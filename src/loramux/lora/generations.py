@@ -14,15 +14,24 @@ from __future__ import annotations
 
 class AdapterGenerations:
     """version: the counter, moved by every bump (a cache made at `version` is current for every
-    slot). of(slot): the version at which `slot` last changed (0: never)."""
+    slot). of(slot): the version at which `slot` last changed (0: never). latest(slots): the
+    newest of those slots' generations; since every bump draws a new number, a copy made from
+    `slots` is current exactly while latest(slots) is what it was when the copy was made."""
 
     def __init__(self) -> None:
         self.version = 0
         self._by_slot: dict[int, int] = {}
+        self._latest: dict[frozenset[int], int] = {}  # latest(slots) at `version`, asked by every layer
 
     def bump(self, slot: int) -> None:
         self.version += 1
         self._by_slot[slot] = self.version
+        self._latest.clear()
 
     def of(self, slot: int) -> int:
         return self._by_slot.get(slot, 0)
+
+    def latest(self, slots: frozenset[int]) -> int:
+        if slots not in self._latest:
+            self._latest[slots] = max((self.of(s) for s in slots), default=0)
+        return self._latest[slots]

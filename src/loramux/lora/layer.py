@@ -87,7 +87,7 @@ class FusedLoraLinear(nn.Module):
         self._stacked_version = -1  # the generations' version the stack is current at
         self._stacked_from: dict[int, int] = {}  # slot -> the generation its stacked rows were written from
         self._changed: set[int] = set()  # slots installed or removed here since the stack was written
-        self._tiles: tuple[tuple, TileWeights] | None = None  # (version, tile slots, dtype), weights
+        self._tiles: tuple[tuple, TileWeights] | None = None  # (latest generation of the tiles' slots, tile slots, dtype), weights
 
     def adapters_changed(self, slot: int) -> None:
         """A projection's adapter in `slot` was installed or removed: its stacked rows are rewritten
@@ -122,8 +122,9 @@ class FusedLoraLinear(nn.Module):
     def tiles(self, segments: LoraSegments, generations: AdapterGenerations, dtype: torch.dtype | None = None) -> TileWeights:
         """Each tile's stacked weights (in `dtype`, default the stack's), kept for the next step: from
         one decode step to the next the tiles' slots rarely change, and gathering them costs more
-        than the deltas themselves."""
-        key = (generations.version, segments.tile_slot_key, dtype)
+        than the deltas themselves. They are kept across changes to other slots (an optimizer step
+        on an adapter no tile uses leaves them current)."""
+        key = (generations.latest(segments.slots), segments.tile_slot_key, dtype)
         if self._tiles is None or self._tiles[0] != key:
             self._tiles = key, self.stacked(generations).tiles(segments, dtype)
         return self._tiles[1]
