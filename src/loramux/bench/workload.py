@@ -24,7 +24,10 @@ class Workload:
     distributions with the given medians, clipped to [min, max]. `arrival`: "offline" (all at t=0),
     "poisson" (exponential gaps at `rate` requests/s) or "bursty" (Gamma gaps with coefficient of
     variation `burst_cv` > 1 at the same mean rate). `skew`: "uniform" or "zipf" (exponent
-    `zipf_s`) over the first `active_adapters` of `num_adapters` registered ones."""
+    `zipf_s`) over the first `active_adapters` of `num_adapters` registered ones.
+    `shared_prefix_tokens`: every prompt starts with its adapter's system prompt of this many
+    tokens (one per adapter, one for the base model; the prefix cache's workload), followed by
+    its own `prompt_tokens`; 0: no system prompt."""
 
     num_requests: int = 32
     prompt_tokens: int = 64
@@ -42,6 +45,7 @@ class Workload:
     alpha: float = 32.0
     skew: str = "uniform"
     zipf_s: float = 1.1
+    shared_prefix_tokens: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,14 +61,19 @@ class Workload:
             raise ValueError("active_adapters must be between 0 and num_adapters")
         if self.num_requests < 1:
             raise ValueError("a workload needs at least one request")
+        if self.shared_prefix_tokens < 0:
+            raise ValueError("shared_prefix_tokens must not be negative")
 
     @property
     def adapter_names(self) -> list[str]:
         return [f"bench-{i}" for i in range(self.num_adapters)]
 
     def describe_lengths(self) -> str:
-        return (f"{self.prompt_tokens}-token prompts, {self.output_tokens} output tokens" if self.fixed_lengths else
-                f"prompts ~{self.prompt_tokens} and outputs ~{self.output_tokens} tokens (lognormal medians)")
+        lengths = (f"{self.prompt_tokens}-token prompts, {self.output_tokens} output tokens" if self.fixed_lengths else
+                   f"prompts ~{self.prompt_tokens} and outputs ~{self.output_tokens} tokens (lognormal medians)")
+        if self.shared_prefix_tokens:
+            lengths += f", after a {self.shared_prefix_tokens}-token system prompt per adapter"
+        return lengths
 
     def describe(self) -> str:
         lengths = self.describe_lengths()
@@ -127,8 +136,18 @@ def _adapter_choices(rng: random.Random, w: Workload) -> list[str | None]:
     return rng.choices(names, weights=weights, k=w.num_requests)
 
 
+def system_prompt(w: Workload, adapter: str | None, pool: list[int]) -> list[int]:
+    """The `shared_prefix_tokens` tokens every prompt of `adapter` starts with: a slice of `pool`
+    at an offset of its own (the same in every workload of a run, whatever the seed)."""
+    n = w.shared_prefix_tokens
+    index = w.adapter_names.index(adapter) + 1 if adapter is not None else 0
+    start = index * 7919 % max(len(pool) - n, 1)
+    return pool[start : start + n]
+
+
 def make_requests(w: Workload, pool: list[int]) -> list[BenchRequest]:
-    """The run's requests, in arrival order. Prompts start at different offsets of `pool`."""
+    """The run's requests, in arrival order. Prompts start at different offsets of `pool`, after
+    their adapter's system prompt when `shared_prefix_tokens` is set."""
     rng = random.Random(w.seed)
     arrivals = _arrivals(rng, w)
     adapters = _adapter_choices(rng, w)
@@ -136,8 +155,8 @@ def make_requests(w: Workload, pool: list[int]) -> list[BenchRequest]:
     for i in range(w.num_requests):
         n = _length(rng, w, w.prompt_tokens, w.max_prompt_tokens)
         start = rng.randrange(0, max(len(pool) - n, 1))
-        out.append(BenchRequest(i, pool[start : start + n], _length(rng, w, w.output_tokens, w.max_output_tokens),
-                                adapters[i], arrivals[i]))
+        prompt = system_prompt(w, adapters[i], pool) + pool[start : start + n]
+        out.append(BenchRequest(i, prompt, _length(rng, w, w.output_tokens, w.max_output_tokens), adapters[i], arrivals[i]))
     return out
 
 

@@ -1,5 +1,6 @@
 """Which rows run in the next step: decode first, prefill chunks by deadline, within a token budget
-sized from measured step costs so that running requests keep their time-per-token target."""
+sized from measured step costs so that running requests keep their time-per-token target; and which
+KV blocks a request reuses from the prefix cache (kv/block_allocator.py, kv/block_hashes.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch
 
 from loramux.batch import RowKind
 from loramux.engine.requests import SLO, Request, RequestState
+from loramux.kv.block_hashes import BlockHashes, adapter_root
 from loramux.kv.paged_cache import PagedKVCache
+from loramux.lora.generations import AdapterGenerations
 
 
 class QueueFullError(RuntimeError):
@@ -40,7 +43,10 @@ class SchedulerConfig:
     traffic) training steps are bounded by max_step_tokens alone, so the split of an optimizer
     batch over steps does not depend on measured timings (a resumed run repeats it exactly).
     step_time_share: the share of the time a step may plan to take (the rest is headroom for
-    sampling, streaming and the cost model's error)."""
+    sampling, streaming and the cost model's error).
+    enable_prefix_caching: full KV blocks stay cached under their hashes and a request admitted
+    without KV starts from the longest cached prefix of its own adapter at its current weights
+    (vLLM's --enable-prefix-caching); cached tokens are neither computed nor counted as prefill work."""
 
     max_step_tokens: int = 512
     max_running: int = 64
@@ -51,6 +57,7 @@ class SchedulerConfig:
     idle_train_seconds: float = 0.5
     serving_window_seconds: float = 30.0
     step_time_share: float = 0.9
+    enable_prefix_caching: bool = True
     default_slo: SLO = field(default_factory=SLO)
 
     def __post_init__(self) -> None:
@@ -145,12 +152,32 @@ class SchedulerOutput:
 
 class Scheduler:
     """clock: seconds on the clock the requests' metrics use (the engine's perf_counter; tests
-    pass a fake one)."""
+    pass a fake one). generations: the adapter registry's (`AdapterRegistry.generations`), which
+    name the weights a request's KV is computed with (default: a fresh one, as with no adapters).
 
-    def __init__(self, config: SchedulerConfig, kv: PagedKVCache, clock: Callable[[], float] = time.perf_counter) -> None:
+    Prefix caching (`config.enable_prefix_caching`): a request admitted without KV takes a
+    reference to the cached blocks of the longest prefix it shares with earlier sequences of its
+    adapter at its current weights (kv/block_hashes.py), short of its last token, whose logits must
+    be computed; after each forward `mark_computed` registers the blocks it filled. A request whose
+    adapter's weights change after its first computed token registers nothing more until a
+    preemption drops its KV. prefix_cache_queries / prefix_cache_hits count the tokens looked up at
+    admission and the tokens found (vLLM's counters of the same names)."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: PagedKVCache,
+        clock: Callable[[], float] = time.perf_counter,
+        generations: AdapterGenerations | None = None,
+    ) -> None:
         self.config = config
         self.kv = kv
         self.clock = clock
+        self.generations = AdapterGenerations() if generations is None else generations
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self._hashes: dict[Request, BlockHashes | None] = {}  # None: its KV mixes weights generations
+        self._known_hits: dict[Request, tuple[BlockHashes, int, int]] = {}  # see _cached_blocks
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.cost = StepCostModel()
@@ -186,6 +213,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self._free(request)
+        self._hashes.pop(request, None)
+        self._known_hits.pop(request, None)
 
     def step_target(self) -> float:
         """Seconds a step may take while requests run: a share of their tightest TPOT target."""
@@ -214,7 +243,7 @@ class Scheduler:
         time until its next token is due (first token + share x TPOT target x tokens so far: what
         its earlier short steps saved is spendable); for one whose first token is still to come,
         the time until arrival + share x TTFT target less the measured cost of the prompt rows it
-        still needs. Negative when a request is behind."""
+        still needs (none for its cached prefix). Negative when a request is behind."""
         due = self._planned_due()
         return min(due(r) for r in (*self.running, *self.waiting)) - self.clock()
 
@@ -226,7 +255,7 @@ class Scheduler:
 
         def due(r: Request) -> float:
             if r.metrics.first_token is None:
-                return r.metrics.arrival + share * r.slo.ttft - prefill_rate * r.num_pending
+                return r.metrics.arrival + share * r.slo.ttft - prefill_rate * self._uncached_pending(r)
             return r.metrics.first_token + share * r.slo.tpot * len(r.output_ids)
 
         return due
@@ -270,11 +299,11 @@ class Scheduler:
                 chunks.append(ScheduledChunk(request, request.num_computed, request.num_tokens))
         # 2. Prefill chunks by deadline: partly prefilled running requests, then waiting ones.
         budget = self.rows_within_target(RowKind.PREFILL, {RowKind.DECODE: len(chunks)})
-        # Requests behind their first-token plan (arrival + share x TTFT, less what their prompt
-        # rows cost) get their prompts in regardless of the running requests' TPOT: trickling them
+        # Requests behind their first-token plan (arrival + share x TTFT, less what their uncached
+        # prompt rows cost) get their prompts in regardless of the running requests' TPOT: trickling them
         # in would make their TTFT miss, and both targets miss for longer.
         now, due = self.clock(), self._planned_due()
-        late = sum(r.num_pending for r in (*self.running, *self.waiting) if r.metrics.first_token is None and due(r) < now)
+        late = sum(self._uncached_pending(r) for r in (*self.running, *self.waiting) if r.metrics.first_token is None and due(r) < now)
         prefill_budget = max(budget, self.config.min_prefill_tokens, min(late, self.config.max_step_tokens - len(chunks)))
         # After a preemption memory is short: admit nobody new this step (the preempted would thrash).
         waiting = [] if preempted else list(self.waiting)
@@ -284,16 +313,84 @@ class Scheduler:
                 break
             if request.state is RequestState.WAITING and len(self.running) >= self.config.max_running:
                 continue
+            num_cached = self._cached_blocks(request) if request.state is RequestState.WAITING else None
+            if num_cached:
+                cached = self.kv.allocator.cached_prefix(self._hashes[request].hashes[:num_cached])
+                self.kv.allocator.share(cached)
+                request.block_table, request.num_computed = cached, num_cached * self.kv.block_size
             n = min(request.num_pending, prefill_budget, self.config.max_prefill_chunk, self._room(request))
             if n <= 0 or not self._reserve(request, request.num_computed + n):
+                if num_cached:
+                    self._free(request)
+                    request.num_computed = 0
                 continue
             if request.state is RequestState.WAITING:
+                if num_cached is not None:
+                    self.prefix_cache_queries += request.num_tokens
+                    self.prefix_cache_hits += request.num_computed
                 self.waiting.remove(request)
                 self.running.append(request)
                 request.state = RequestState.RUNNING
             chunks.append(ScheduledChunk(request, request.num_computed, request.num_computed + n))
             prefill_budget -= n
+        for c in chunks:  # before the forward, which runs with the weights current now
+            self._block_hashes(c.request)
         return SchedulerOutput(chunks, preempted)
+
+    def mark_computed(self, output: SchedulerOutput) -> None:
+        """After the step's forward: each chunk's positions have KV, and the blocks the chunk filled
+        are registered in the prefix cache under the hashes `schedule` fixed (the forward's weights:
+        an optimizer step later in the same step does not change them)."""
+        bs = self.kv.block_size
+        for c in output.chunks:
+            request = c.request
+            request.num_computed = c.end
+            hashes = self._hashes.get(request)
+            if hashes is None:
+                continue
+            hashes.update(c.end, request.tokens)
+            for i in range(c.start // bs, c.end // bs):
+                self.kv.allocator.register(request.block_table[i], hashes.hashes[i])
+
+    def _block_hashes(self, request: Request) -> BlockHashes | None:
+        """The request's block hashes under the weights its KV is computed with: its adapter's
+        current weights while it has no KV; None without prefix caching, and once its KV mixes two
+        generations (the weights changed after its first computed token) until it has none again."""
+        if not self.config.enable_prefix_caching:
+            return None
+        generation = 0 if request.slot is None else self.generations.of(request.slot)
+        root = adapter_root(request.slot, generation)
+        hashes = self._hashes.get(request)
+        if request.num_computed == 0:
+            if hashes is None or hashes.root != root:
+                hashes = self._hashes[request] = BlockHashes(root, self.kv.block_size)
+        elif hashes is not None and hashes.root != root:
+            hashes = self._hashes[request] = None
+        return hashes
+
+    def _cached_blocks(self, request: Request) -> int | None:
+        """For a request without KV: how many of its leading blocks the cache holds (the longest
+        cached prefix of its block hashes, short of its last token); None when it does not use the
+        cache (prefix caching off, or it asks for its prompt's logprobs, which need every position
+        computed). The count is remembered per request and only extended while nothing is evicted,
+        so a long queue costs each plan a dict lookup per request, not a walk over every prefix."""
+        if request.params.prompt_logprobs is not None:
+            return None
+        hashes = self._block_hashes(request)
+        if hashes is None:
+            return None
+        usable = hashes.update(request.num_tokens, request.tokens)[: (request.num_tokens - 1) // self.kv.block_size]
+        evictions = self.kv.allocator.num_evictions
+        known = self._known_hits.get(request)
+        n = known[2] if known is not None and known[0] is hashes and known[1] == evictions else 0
+        n += len(self.kv.allocator.cached_prefix(usable[n:]))
+        self._known_hits[request] = (hashes, evictions, n)
+        return n
+
+    def _uncached_pending(self, request: Request) -> int:
+        """Tokens the request still has to compute: for one without KV, those past its cached prefix."""
+        cached = self._cached_blocks(request) if request.num_computed == 0 else None
+        return request.num_pending - (cached or 0) * self.kv.block_size
 
     def _room(self, request: Request) -> int:
         """Tokens the request could add with its own blocks plus every free block."""
@@ -318,6 +415,8 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _free(self, request: Request) -> None:
+        """Drops the request's blocks, tail first: cached ones enter the LRU tail first, so eviction
+        takes a sequence's later blocks (useful only with the earlier ones) before its earlier ones."""
         if request.block_table:
-            self.kv.allocator.free(request.block_table)
+            self.kv.allocator.free(request.block_table[::-1])
             request.block_table = []
