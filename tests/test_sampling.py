@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from loramux.engine.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprob, sample_next
+from loramux.engine.sampling import MAX_LOGPROBS, InvalidParam, SamplingParams, TokenLogprob, sample_next, token_logprobs
 
 
 def draws(logits, params, n, seed=0, **kwargs) -> list[int]:
@@ -114,6 +114,60 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
     mass = sum(TOP_P_PROBS[i] for i in kept)
     probs = [TOP_P_PROBS.get(i, 0.0) / mass if i in kept else 0.0 for i in range(8)]
     assert chi_square(c, probs, n) < 20.0
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_minus_one_and_zero_are_off(top_k):
+    logits = torch.tensor([0.0, 0.5, 1.0, -1.0])
+    n = 8000
+    counts = counts_of(draws(logits, SamplingParams(temperature=1.0, top_k=top_k), n, seed=5))
+    assert chi_square(counts, softmax([0.0, 0.5, 1.0, -1.0]), n) < 16.3  # 3 dof, p = 0.001
+
+
+@pytest.mark.parametrize("temperature, min_p, kept", [
+    # at T=1 the probabilities are (0.066, 0.179, 0.488, 0.024, 0.242)
+    (1.0, 0.3, [1, 2, 4]),  # threshold 0.3 x 0.488 = 0.146
+    (1.0, 0.45, [2, 4]),    # threshold 0.219
+    # at T=0.5 they are (0.013, 0.096, 0.713, 0.002, 0.176): min_p applies after temperature
+    (0.5, 0.2, [2, 4]),     # threshold 0.143
+    (0.5, 0.3, [2]),        # threshold 0.214
+])
+def test_min_p_keeps_tokens_within_min_p_of_the_best_after_temperature(temperature, min_p, kept):
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 1.3])
+    tempered = softmax([x / temperature for x in logits.tolist()])
+    n = 6000
+    counts = counts_of(draws(logits, SamplingParams(temperature=temperature, min_p=min_p), n, seed=3))
+    assert sorted(counts) == kept
+    renormalised = [tempered[i] / sum(tempered[j] for j in kept) if i in kept else 0.0 for i in range(5)]
+    assert chi_square(counts, renormalised, n) < 16.3
+
+
+def test_min_p_one_is_greedy_and_zero_is_off():
+    logits = torch.randn(300, generator=torch.Generator().manual_seed(4))
+    assert set(draws(logits, SamplingParams(temperature=1.5, min_p=1.0), 100)) == {argmax(logits.tolist())}
+    assert draws(logits, SamplingParams(temperature=1.0, min_p=0.0), 50, seed=8) == draws(logits, SamplingParams(temperature=1.0), 50, seed=8)
+
+
+def test_logit_bias_is_added_to_the_logits_before_sampling():
+    logits = torch.tensor([0.0, 3.0, 1.0, 0.5])
+    assert draws(logits, SamplingParams(logit_bias={1: -100}), 1) == [2]  # greedy: the second best
+    assert set(draws(logits, SamplingParams(temperature=1.0, logit_bias={3: 100}), 200)) == {3}
+    # a bias of 1.0 on token 0 is the distribution of logits + (1, 0, 0, 0)
+    n = 8000
+    counts = counts_of(draws(logits, SamplingParams(temperature=1.0, logit_bias={0: 1.0}), n, seed=2))
+    assert chi_square(counts, softmax([1.0, 3.0, 1.0, 0.5]), n) < 16.3
+    # log-probabilities stay those of the model's raw distribution
+    _, lp = sample_next(logits, SamplingParams(logit_bias={0: 100}, logprobs=1), torch.Generator())
+    assert lp.token_id == 0 and lp.logprob == pytest.approx(math.log(softmax(logits.tolist())[0]), abs=1e-6)
+
+
+def test_token_logprobs_give_log_softmax_rank_and_top_k():
+    logits = torch.tensor([[0.0, 2.0, 1.0, 3.0], [1.0, 1.0, 0.0, -1.0]])
+    out = token_logprobs(logits, torch.tensor([2, 3]), 2)
+    first = [math.log(p) for p in softmax([0.0, 2.0, 1.0, 3.0])]
+    assert out[0].token_id == 2 and out[0].logprob == pytest.approx(first[2]) and out[0].rank == 3
+    assert [t for t, _ in out[0].top] == [3, 1] and out[0].top[0][1] == pytest.approx(first[3])
+    assert out[1].rank == 4 and out[1].top[0][1] == pytest.approx(out[1].top[1][1])
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
@@ -350,7 +404,13 @@ def test_sample_next_does_not_modify_the_logits():
         (dict(temperature=-1), "temperature"),
         (dict(top_p=0), "top_p"),
         (dict(top_p=1.5), "top_p"),
-        (dict(top_k=-1), "top_k"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(logit_bias={5: 100.5}), "logit_bias"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias"),
+        (dict(prompt_logprobs=21), "prompt_logprobs"),
+        (dict(max_tokens=0, logprobs=3), "max_tokens"),
         (dict(presence_penalty=3), "presence_penalty"),
         (dict(presence_penalty=-2.5), "presence_penalty"),
         (dict(frequency_penalty=2.1), "frequency_penalty"),
@@ -363,14 +423,25 @@ def test_sample_next_does_not_modify_the_logits():
     ],
 )
 def test_bad_sampling_params_are_refused(kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(InvalidParam, match=name) as e:
         SamplingParams(**kwargs)
+    assert e.value.param == name
 
 
 def test_edge_values_are_accepted():
     SamplingParams(max_tokens=1, temperature=0, top_p=1.0, top_k=0, presence_penalty=2, frequency_penalty=-2, logprobs=20)
     SamplingParams(max_tokens=3, min_tokens=3, logprobs=0, repetition_penalty=0.01)
+    SamplingParams(top_k=-1, min_p=1.0, logit_bias={0: -100, 7: 100}, prompt_logprobs=20)
+    assert SamplingParams(max_tokens=0, prompt_logprobs=0).max_tokens == 0  # scoring a prompt
     assert SamplingParams(stop="x").stop == ("x",)
+    assert SamplingParams(logit_bias={9: 1, 3: -2}).logit_bias == ((3, -2.0), (9, 1.0))
+
+
+def test_logit_bias_ids_are_checked_against_the_vocabulary():
+    SamplingParams(logit_bias={99: 1.0}).check_vocab(100)
+    with pytest.raises(InvalidParam, match="logit_bias") as e:
+        SamplingParams(logit_bias={100: 1.0}).check_vocab(100)
+    assert e.value.param == "logit_bias"
 
 
 # --- the engine on the default model -----------------------------------------------------------
@@ -517,3 +588,66 @@ def test_a_vanishing_temperature_samples_the_best_token(temperature):
     params = SamplingParams(temperature=temperature, top_p=4.7e-111, seed=0)
     token, _ = sample_next(logits, params, params.generator(), [], [], (), int(logits.argmax()))
     assert token == int(logits.argmax())
+
+
+# --- prompt log-probabilities in the engine (tiny model, against transformers) ------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """A tiny random Llama directory, loaded by loramux (prompts prefilled in chunks of 7 rows) and
+    by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from live_server import tiny_model_dir
+    from loramux.engine.engine import Engine, EngineConfig
+    from loramux.engine.scheduler import SchedulerConfig
+
+    path = tiny_model_dir(tmp_path_factory.mktemp("tiny") / "tiny")
+    engine = Engine.load(path, config=EngineConfig(scheduler=SchedulerConfig(max_prefill_chunk=7)))
+    return engine, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def reference_logprobs(hf, ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax over the vocabulary at every position of `ids`: [len, vocab]."""
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_prompt_logprobs_across_prefill_chunks_and_preemption_match_transformers(tiny_pair):
+    engine, hf = tiny_pair
+    ids = engine.encode("The quick brown fox jumps over the lazy dog, and then it runs back home to sleep. " * 2)
+    assert len(ids) > 30
+    request = engine.add_request(ids, params=SamplingParams(max_tokens=2, prompt_logprobs=4))
+    engine.step(), engine.step()  # two chunks of 7 rows: 14 of the prompt's entries known
+    assert len(request.prompt_logprobs) == 15
+    engine.scheduler._preempt(request)  # its KV is dropped: the prefill starts again from row 0
+    outputs = []
+    while engine.has_unfinished:
+        outputs += [o for o in engine.step() if o.request_id == request.id]
+    carried = [o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None]
+    assert len(carried) == 1 and carried[0] == tuple(request.prompt_logprobs)  # on the first token's output only
+    assert outputs[0].new_token_ids and carried[0] is outputs[0].prompt_logprobs
+    ref = reference_logprobs(hf, ids)
+    got = carried[0]
+    assert got[0] is None and len(got) == len(ids)
+    for position, lp in enumerate(got[1:], start=1):
+        row = ref[position - 1]
+        assert lp.token_id == ids[position]
+        assert lp.logprob == pytest.approx(float(row[ids[position]]), abs=1e-4)
+        x = float(row[ids[position]])  # the rank, up to tokens within float32 noise of it
+        assert int((row > x + 1e-4).sum()) + 1 <= lp.rank <= int((row > x - 1e-4).sum()) + 1
+        assert [v for _, v in lp.top] == pytest.approx(torch.topk(row, 4).values.tolist(), abs=1e-4)
+        assert [float(row[t]) for t, _ in lp.top] == pytest.approx([v for _, v in lp.top], abs=1e-4)
+
+
+def test_max_tokens_zero_scores_the_prompt_without_generating(tiny_pair):
+    engine, hf = tiny_pair
+    ids = engine.encode("Scoring a prompt needs no new token.")
+    generation = engine.generate([ids], params=SamplingParams(max_tokens=0, prompt_logprobs=0))[0]
+    assert (generation.token_ids, generation.text, generation.finish_reason) == ([], "", "length")
+    ref = reference_logprobs(hf, ids)
+    assert generation.prompt_logprobs[0] is None
+    assert [lp.logprob for lp in generation.prompt_logprobs[1:]] == pytest.approx(
+        [float(ref[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4)
+    assert all(lp.top == () for lp in generation.prompt_logprobs[1:])

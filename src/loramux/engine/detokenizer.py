@@ -16,12 +16,16 @@ class TextStream:
     """Incremental detokenization of one request's output (the prefix/read-offset method).
 
     push(token) -> (new_text, stopped). finish() -> the rest of the text. `text` is all text
-    released so far; after a stop string it ends just before the stop string.
+    released so far; after a stop string it ends just before the stop string, or just after it
+    with `include_stop`. With `skip_special_tokens`, special tokens have no text.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer, stop: Sequence[str] = (), *, include_stop: bool = False,
+                 skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.include_stop = include_stop
+        self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -30,7 +34,7 @@ class TextStream:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token: int) -> tuple[str, bool]:
         self.ids.append(token)
@@ -40,6 +44,12 @@ class TextStream:
             self._decoded += current[len(prefix) :]
             self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         return self._release(final=False)
+
+    def decoded_length(self) -> int:
+        """Characters the ids pushed so far decode to, less a trailing partial character."""
+        tail = self._decode(self.ids[self._prefix_offset :])
+        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        return len(self._decoded) + len(tail[len(prefix) :].rstrip(REPLACEMENT))
 
     def finish(self) -> str:
         """Everything not yet released (a dangling partial character included)."""
@@ -56,9 +66,10 @@ class TextStream:
             return "", True
         pending = self._decoded[len(self.text) :]
         # Released text never ends in the start of a stop string, so a stop starts in `pending`.
-        hits = [i for i in (pending.find(s) for s in self.stop) if i >= 0]
+        hits = [(i, -len(s), s) for i, s in ((pending.find(s), s) for s in self.stop) if i >= 0]
         if hits:
-            new = pending[: min(hits)]
+            start, _, stop = min(hits)  # the first stop string in the text (the longest of those starting there)
+            new = pending[: start + len(stop) if self.include_stop else start]
             self.text += new
             self.stopped = True
             return new, True

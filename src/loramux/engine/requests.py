@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from loramux.engine.detokenizer import TextStream
 from loramux.engine.sampling import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:  # xgrammar is imported only by engines that constrain outputs
+    from loramux.structured.matcher import Constraint
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,9 @@ class RequestMetrics:
 class RequestOutput:
     """What one step produced for one request: the new tokens and text, and, when it finished, why.
     finish_reason: "stop" (end of sequence, stop token or stop string), "length", "abort" (cancelled
-    by its caller) or "error" (the request failed; `error` says why, and the output ends there)."""
+    by its caller) or "error" (the request failed; `error` says why, and the output ends there).
+    prompt_logprobs: with params.prompt_logprobs set, on the output of the first token (or the
+    finishing output of a max_tokens=0 request): one entry per prompt token, None for the first."""
 
     request_id: str
     new_token_ids: tuple[int, ...]
@@ -71,6 +77,7 @@ class RequestOutput:
     new_logprobs: tuple[TokenLogprob, ...] = ()
     metrics: RequestMetrics | None = None
     error: str | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclass(eq=False)
@@ -95,6 +102,11 @@ class Request:
     state: RequestState = RequestState.WAITING
     finish_reason: str | None = None
     error: str | None = None  # the message, when finish_reason is "error"
+    # with params.prompt_logprobs set: entries for prompt tokens 0..len-1 computed so far (0's is
+    # None); kept across preemption, so a recomputed prefill does not compute them again
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=lambda: [None])
+    # with params.structured set: the grammar's state, which has accepted exactly output_ids
+    constraint: Constraint | None = None
 
     @property
     def priority(self) -> tuple[float, int]:
