@@ -4,7 +4,9 @@
       loramux.db          files, jobs, job events, checkpoints, adapters (WAL, synchronous=FULL)
       files/<id>.jsonl    uploaded files (written to a temporary name, fsynced, renamed)
       jobs/<id>/          each job's checkpoints
-      adapters/<name>/    fine-tuned adapters in PEFT's format
+      adapters/<job id>/  fine-tuned adapters in PEFT's format (a deleted one is renamed to
+                          .deleted-<job id> first, then removed; a crash in between leaves the
+                          hidden name, which the next start removes)
       .lock               held while a server runs: a second server on the same directory is refused
 """
 
@@ -14,6 +16,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -31,6 +34,7 @@ CREATE TABLE IF NOT EXISTS adapters (name TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE INDEX IF NOT EXISTS checkpoints_by_job ON checkpoints (job_id, step);
 """
+DELETED = ".deleted-"  # the prefix of an adapter directory being deleted
 
 
 class DataDirLocked(RuntimeError):
@@ -61,6 +65,8 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         self._mutex = threading.Lock()
+        for leftover in (self.root / "adapters").glob(f"{DELETED}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def close(self) -> None:
         self._db.close()
@@ -145,6 +151,17 @@ class Store:
 
     def adapters(self) -> dict[str, dict]:
         return {name: json.loads(data) for name, data in self._exec("SELECT name, data FROM adapters ORDER BY name")}
+
+    def delete_adapter_dir(self, path: str | os.PathLike) -> None:
+        """Removes a fine-tuned adapter's directory (one of adapters/, never anything else): renamed
+        at once, so that it is gone whole or not at all, then deleted."""
+        directory = Path(path).resolve()
+        if directory.parent != self.root / "adapters":
+            raise ValueError(f"{directory} is not a fine-tuned adapter of {self.root}")
+        if directory.exists():
+            doomed = directory.with_name(f"{DELETED}{directory.name}")
+            directory.rename(doomed)
+            shutil.rmtree(doomed)
 
     def _page(self, table: str, key: tuple[str, ...], after: str | None, limit: int, *, descending: bool = True,
               scope: tuple[str, tuple] = ("1", ()), where: str = "1", args: tuple = ()) -> tuple[list[dict], bool]:
