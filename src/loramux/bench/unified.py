@@ -3,6 +3,9 @@ and over reply lengths (the workload's, and short replies: `short_output_tokens`
 
 - loramux: one engine; the job's TRAIN rows share every step with the requests' PREFILL and DECODE
   rows, sized by the scheduler against the latency targets.
+- loramux DPO (`dpo`): the same with a DPO job on preference pairs made from the same data (the
+  sorted words preferred to another sample's); its training tokens are the chosen and rejected
+  sequences the adapter trains on, each of which also runs once more as the reference's rows.
 - transformers + PEFT, as one PEFT process must do it: a training step and an inference batch of the
   arrived requests take turns (peft_peer.run_take_turns).
 Each system first trains alone for a while (its solo training tokens/s), then serves each
@@ -38,6 +41,7 @@ from loramux.lora.adapter import LoraConfig
 from loramux.training.config import TrainingConfig
 
 TRAINING_ADAPTER = "bench-train"
+DPO = "loramux DPO"
 SERVER = "loramux HTTP"
 SERVER_DATA = "reverse_words/train.jsonl"  # the shipped data the demo trains on
 SERVER_MAX_STEPS = 1_000_000  # the server's job trains until the run cancels it
@@ -61,26 +65,33 @@ class UnifiedBench(EngineBench):
         self.training: dict[str, dict] = {}
 
     def measure_loramux(self) -> list:
-        """The engine in-process with the bench's job; returns the job's samples, tokenized, for PEFT."""
-        engine = self.engine
+        """The engine in-process with the bench's job (and, with `dpo`, then with a DPO job); returns
+        the supervised job's samples, tokenized, for PEFT."""
         data = training_records(256, seed=self.o.workload.seed)
-        samples = engine.load_data(data, 2048)
-        config = TrainingConfig(max_steps=100_000, batch_size=self.o.train_batch, learning_rate=LEARNING_RATE,
-                                lr_schedule="constant")
-        lora = LoraConfig(r=self.o.workload.rank, alpha=self.o.workload.alpha, target_modules="all-linear")
-        job = engine.create_job(TRAINING_ADAPTER, data, lora=lora, training=config)
-        # Alone means no request yet: outside the scheduler's serving window, as in a quiet server.
-        self._train_alone("loramux", engine.step, lambda: job.train_tokens)
-        warm_up(engine, self.o.workload.adapter_names[: self.o.workload.active_adapters], self.pool[:32])
-        for label, requests in self.requests.items():
-            progress = [(0.0, job.train_tokens)]
-            self.records["loramux"][label] = run_engine(engine, requests, self.o.slo,
-                                                        on_step=lambda t: progress.append((t, job.train_tokens)))
-            self._report_rate("loramux", label, progress)
-        job.cancel()
+        samples = self.engine.load_data(data, 2048)
+        self._measure_job("loramux", data, "supervised")
+        if self.o.dpo:
+            self._measure_job(DPO, _preference_pairs(data), "dpo")
         del self.engine  # free its memory before the peer loads
         gc.collect()
         return samples
+
+    def _measure_job(self, system: str, data: list[dict], method: str) -> None:
+        """Trains alone, then serves each workload while training, with a new job of `method`."""
+        engine = self.engine
+        config = TrainingConfig(max_steps=100_000, batch_size=self.o.train_batch, learning_rate=LEARNING_RATE,
+                                lr_schedule="constant", method=method)
+        lora = LoraConfig(r=self.o.workload.rank, alpha=self.o.workload.alpha, target_modules="all-linear")
+        job = engine.create_job(f"{TRAINING_ADAPTER}-{method}", data, lora=lora, training=config)
+        # Alone means no request yet: outside the scheduler's serving window, as in a quiet server.
+        self._train_alone(system, engine.step, lambda: job.train_tokens)
+        warm_up(engine, self.o.workload.adapter_names[: self.o.workload.active_adapters], self.pool[:32])
+        for label, requests in self.requests.items():
+            progress = [(0.0, job.train_tokens)]
+            self.records[system][label] = run_engine(engine, requests, self.o.slo,
+                                                     on_step=lambda t: progress.append((t, job.train_tokens)))
+            self._report_rate(system, label, progress)
+        job.cancel()
 
     def measure_peft(self, samples: list) -> None:
         model = peft_peer.load_peft(self.model_dir, self.adapter_dirs, parse_dtype(self.o.dtype),
@@ -166,7 +177,8 @@ class UnifiedBench(EngineBench):
         if o.through_server:
             return (f"Unified through `loramux serve`: a fine-tuning job with default settings on {SERVER_DATA} while "
                     f"{arrivals} as streamed chat completions; {targets}")
-        return f"Unified: a fine-tuning job (LoRA r={o.workload.rank}, {o.train_batch} samples/step) while {arrivals}; {targets}"
+        job = "a fine-tuning job" + (" (and, for loramux DPO, a DPO job of pairs)" if o.dpo else "")
+        return f"Unified: {job} (LoRA r={o.workload.rank}, {o.train_batch} samples/step) while {arrivals}; {targets}"
 
     def tabulate(self) -> None:
         o, run = self.o, self.run
@@ -185,6 +197,9 @@ class UnifiedBench(EngineBench):
         lengths = "exactly" if o.workload.fixed_lengths else "the median of lognormal lengths"
         table.note = (f"Reply tokens: each request's output length, {lengths}. SLO attainment: the share of requests within "
                       f"both targets. Training tokens/s alone: {solo}.")
+        if o.dpo:
+            table.note += (" loramux DPO's training tokens are its pairs' chosen and rejected sequences (each also runs as "
+                           "the reference's rows, which are not counted).")
         if o.through_server:
             table.note += (" The job's tokens/s are read from its trained_tokens, polled every 0.2 s, between the first "
                            "and the last optimizer step seen in each window.")
@@ -205,6 +220,15 @@ class UnifiedBench(EngineBench):
         run.plots.append(line_plot(run.plot("unified_training_over_time.png"), f"Fine-tuning tokens/s at {top:g} req/s",
                                    "seconds", "training tokens/s (last 2 s)",
                                    {k: ([p[0] for p in v], _windowed_rate(v)) for k, v in progress.items()}))
+
+
+def _preference_pairs(records: list[dict]) -> list[dict]:
+    """Preference pairs (OpenAI's DPO format) from prompt/completion records: each prompt as a user
+    message, its completion preferred to the next record's."""
+    return [{"input": {"messages": [{"role": "user", "content": r["prompt"]}]},
+             "preferred_output": [{"role": "assistant", "content": r["completion"].strip()}],
+             "non_preferred_output": [{"role": "assistant", "content": records[(i + 1) % len(records)]["completion"].strip()}]}
+            for i, r in enumerate(records)]
 
 
 def _series(system: str, reply_tokens: int) -> str:

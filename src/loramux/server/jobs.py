@@ -5,6 +5,14 @@ from the engine thread after every step (`sync`): status, events, checkpoints, a
 fine-tuned model, which is then in the adapter catalog. After a restart, `recover` reloads the
 catalog's adapters and restarts unfinished jobs, which resume from their latest checkpoint.
 
+A job's `method` (OpenAI's block, "supervised" or "dpo" with its hyperparameters resolved), its
+`metadata` and the adapter it starts from (`init_from`: a fine-tuned model the request named as its
+`model`; for DPO the frozen reference) are in its record, so that a restart recreates the same
+TrainingConfig. `pause` and `resume` act at once, between two engine steps; a paused job is
+recreated paused after a restart. Each checkpoint is a model of its own, "<fine-tuned model>:ckpt-step-N"
+(OpenAI's naming), put in the adapter catalog (source "checkpoint") and loaded on demand by the
+requests that name it, as evicted adapters are.
+
 Jobs checkpoint by default (TrainingConfig's checkpoint_every and checkpoint_interval, unless the
 request sets them), so a crash loses at most a few steps or a minute of training. The service
 tracks only live jobs, each with its record held in memory: a step's `sync` costs one pass over
@@ -51,22 +59,26 @@ class JobService:
         self.engine, self.store, self.metrics = engine, store, metrics
         self._live: dict[str, _Live] = {}
 
-    async def create(self, body: FineTuningJobRequest, loop: EngineLoop) -> dict:
+    async def create(self, body: FineTuningJobRequest, loop: EngineLoop, base: str | None = None,
+                     init_from: str | None = None) -> dict:
+        """base: the base model's id (default: body.model); init_from: the adapter the job starts from
+        (a fine-tuned model the request named as its `model`), made resident by the caller."""
         job_id = new_id("ftjob")
-        h = body.hyperparameters
+        base = base or body.model
+        method = body.resolved_method()
+        hp = method[method["type"]]["hyperparameters"]
         record = {
             "id": job_id, "object": "fine_tuning.job", "created_at": int(time.time()), "finished_at": None,
             "model": body.model, "fine_tuned_model": None, "organization_id": "loramux", "result_files": [],
             "status": "validating_files", "training_file": body.training_file, "validation_file": body.validation_file,
-            "hyperparameters": {
-                "n_epochs": DEFAULTS["n_epochs"] if h.n_epochs == "auto" else h.n_epochs,
-                "batch_size": DEFAULTS["batch_size"] if h.batch_size == "auto" else h.batch_size,
-                "learning_rate_multiplier": 1.0 if h.learning_rate_multiplier == "auto" else h.learning_rate_multiplier,
-            },
+            "hyperparameters": {k: hp[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")},
+            "method": method, "metadata": body.metadata,
             "trained_tokens": None, "error": None, "seed": body.seed if body.seed is not None else 0,
             "user_provided_suffix": body.suffix, "estimated_finish": None, "integrations": [],
-            "lora": body.lora.model_dump(), "training": body.training.model_dump(),
-            "adapter_name": f"ft:{body.model}:{body.suffix or 'loramux'}:{job_id[-8:]}",
+            "lora": None if init_from else body.lora.model_dump(), "training": body.training.model_dump(),
+            "init_from": init_from,
+            # OpenAI's form; an adapter's name has no '/', so a base id such as "org/model" gives "ft:org--model:..."
+            "adapter_name": f"ft:{base.replace('/', '--')}:{body.suffix or 'loramux'}:{job_id[-8:]}",
         }
         self.store.put_job(record)
         try:
@@ -81,22 +93,35 @@ class JobService:
 
     def _start(self, record: dict) -> TrainingJob:
         """Creates the engine job (in the engine thread, or before it runs)."""
-        hp, extra, lora = record["hyperparameters"], record["training"], record["lora"]
+        extra, lora = record["training"], record["lora"]
+        # records written before `method` existed are supervised, with their hyperparameters
+        method = record.get("method") or {"type": "supervised", "supervised": {"hyperparameters": record["hyperparameters"]}}
+        hp = method[method["type"]]["hyperparameters"]
         # `training` holds TrainingConfig's own names (records written before an option existed get its default)
         training = TrainingConfig(
             epochs=hp["n_epochs"], batch_size=hp["batch_size"], learning_rate=DEFAULTS["learning_rate"] * hp["learning_rate_multiplier"],
-            seed=record["seed"], **extra,
+            seed=record["seed"], method=method["type"], **({"beta": hp["beta"]} if "beta" in hp else {}), **extra,
         )
-        targets = lora["target_modules"]
-        config = LoraConfig(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                            target_modules=targets if isinstance(targets, str) else tuple(targets), use_rslora=lora["use_rslora"])
+        config = None
+        if lora is not None:
+            targets = lora["target_modules"]
+            config = LoraConfig(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                                target_modules=targets if isinstance(targets, str) else tuple(targets), use_rslora=lora["use_rslora"])
+        init_from = record.get("init_from")
+        if init_from is not None and init_from not in self.engine.adapters:  # after a restart: e.g. a checkpoint model
+            info = self.store.adapters().get(init_from)
+            if info is None:
+                raise ValueError(f"the model {init_from!r} it starts from is no longer in the catalog")
+            self.engine.load_adapter(init_from, info["path"])
         val = self.store.file_path(record["validation_file"]) if record["validation_file"] else None
         job = self.engine.create_job(
             record["adapter_name"], self.store.file_path(record["training_file"]), val=val, lora=config, training=training,
-            checkpoint_dir=self.store.job_dir(record["id"]) / "checkpoints", output_dir=self._adapter_dir(record),
-            job_id=record["id"],
+            init_from=init_from, checkpoint_dir=self.store.job_dir(record["id"]) / "checkpoints",
+            output_dir=self._adapter_dir(record), job_id=record["id"],
         )
-        record["status"] = "running"
+        if record["status"] == "paused":  # paused before a restart: stays paused
+            job.pause()
+        record["status"] = job.state.value
         self.store.put_job(record)
         self._live[job.id] = _Live(job, record)
         return job
@@ -121,9 +146,37 @@ class JobService:
             self.store.put_job(record)
         return record
 
+    async def pause(self, job_id: str, loop: EngineLoop) -> dict:
+        """OpenAI's pause: a running job stops taking work at once (between two engine steps) and
+        stays paused, across restarts too, until resumed; 400 in any other state."""
+        return await self._pause_or_resume(job_id, loop, pause=True)
+
+    async def resume(self, job_id: str, loop: EngineLoop) -> dict:
+        """Resumes a paused job (400 unless paused)."""
+        return await self._pause_or_resume(job_id, loop, pause=False)
+
+    async def _pause_or_resume(self, job_id: str, loop: EngineLoop, pause: bool) -> dict:
+        def change(engine: Engine) -> None:
+            live = self._live.get(job_id)
+            state = live.job.state if live is not None else None
+            wanted = (JobState.RUNNING, JobState.QUEUED) if pause else (JobState.PAUSED,)
+            if state not in wanted:
+                status = (self.store.get_job(job_id) or {}).get("status") if state is None else state.value
+                verb = "paused" if pause else "resumed"
+                why = "only a running or queued job can be" if pause else "only a paused job can be"
+                raise APIError(400, f"the fine-tuning job {job_id} is {status}: {why} {verb}", param="fine_tuning_job_id",
+                               code="invalid_job_state")
+            live.job.pause() if pause else live.job.resume()
+            self.sync()
+
+        await loop.call(change)
+        return self.store.get_job(job_id)
+
     def recover(self) -> None:
         """After a restart: reload the adapter catalog, restart unfinished jobs from their checkpoints."""
         for name, info in self.store.adapters().items():
+            if info.get("source") == "checkpoint":  # loaded on demand (ResidentAdapters), like evicted adapters
+                continue
             try:
                 self.engine.load_adapter(name, info["path"])
             except Exception as e:  # a missing or broken adapter must not keep the server down
@@ -134,6 +187,7 @@ class JobService:
             except Exception as e:
                 log.error("job %s could not be restarted: %s", record["id"], e)
                 self._fail(record, f"could not resume after restart: {e}")
+        self.sync()  # their events so far (a paused job takes no step that would sync them)
 
     def sync(self) -> None:
         """Mirrors the live jobs into the store (engine thread, after every step); a job that
@@ -180,9 +234,12 @@ class JobService:
         job, start = live.job, live.checkpoints_synced
         for path in job.checkpoints[start:]:
             step = int(path.name.split("-")[1])
+            # a servable model, named as OpenAI names checkpoints: in the catalog, loaded on demand
+            model = f"{live.record['adapter_name']}:ckpt-step-{step}"
+            self.store.put_adapter(model, {"path": str(path), "source": "checkpoint", "job": job.id})
             self.store.add_checkpoint(job.id, {
                 "id": f"ftckpt-{job.id[-12:]}-{step}", "object": "fine_tuning.job.checkpoint", "created_at": int(time.time()),
-                "fine_tuned_model_checkpoint": str(path), "step_number": step, "fine_tuning_job_id": job.id,
+                "fine_tuned_model_checkpoint": model, "step_number": step, "fine_tuning_job_id": job.id,
                 "metrics": {"step": step, "train_loss": job.last_train_loss, "valid_loss": job.last_eval_loss},
             })
         live.checkpoints_synced = len(job.checkpoints)

@@ -4,7 +4,10 @@ The catalog (the store) knows every adapter and where it lies on disk; the engin
 resident ones. When a request names an adapter that is not resident, its files are read off the
 engine thread and it is admitted between two steps; if that would pass the limit, the least recently
 used adapter that is idle (no request in flight, not training, not pinned, not reserved by a request
-being admitted) is evicted first. Evicting only unregisters it: its files stay in the catalog.
+being admitted, not the frozen reference or the starting adapter (`init_from`) of an unfinished
+fine-tuning job) is evicted first. Evicting only unregisters it: its files stay in the catalog.
+Deleting a fine-tuned model (`delete`) unregisters it and drops it from the catalog, unless it is
+in use in any of those ways.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from loramux.engine.engine import Engine
+from loramux.server.jobs import UNFINISHED
 from loramux.server.protocol import APIError
 from loramux.server.store import Store
 
@@ -52,8 +56,10 @@ class ResidentAdapters:
 
     def _admit(self, name: str, path: str) -> None:
         """Engine thread: reserves `name`, reading it from `path` first unless a request since made
-        it resident."""
+        it resident; 404 if it left the catalog meanwhile (deleted or unloaded)."""
         if not self._reserve_if_resident(name):
+            if name not in self.store.adapters():
+                raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
             self.add(name, path)
             self._reserved[name] += 1
 
@@ -69,11 +75,53 @@ class ResidentAdapters:
         if not self.max_resident:
             return
         while len(self.engine.adapters) + extra > self.max_resident:
-            busy = {r.adapter for r in self.engine.requests.values()}
-            busy |= {j.adapter.name for j in self.engine.trainer.jobs.values() if not j.state.is_final}
+            busy = self._in_use()
             pinned = {n for n, info in self.store.adapters().items() if info.get("pinned")}
-            idle = [n for n in self.engine.adapters.names() if n not in busy | pinned and not self._reserved[n]]
+            idle = [n for n in self.engine.adapters.names() if n not in busy and n not in pinned]
             if not idle:
                 raise APIError(429, f"all {self.max_resident} resident adapters are busy or pinned; retry later", code="adapters_busy")
             victim = min(idle, key=lambda n: self.last_used.get(n, 0.0))
             self.engine.adapters.remove(victim)
+
+    def delete(self, name: str) -> str | None:
+        """Engine thread: unregisters the fine-tuned model `name` and drops it from the catalog;
+        returns its directory, for the caller to remove (None if it has none yet). 404 if unknown;
+        403 for an adapter the server was given (--adapter, /v1/load_lora_adapter), not one it made;
+        409 while it is in use."""
+        info = self.store.adapters().get(name)
+        if info is None and name not in self.engine.adapters:
+            raise APIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        source = (info or {}).get("source")
+        if source == "--adapter":
+            raise APIError(403, f"the adapter {name!r} was given to the server with --adapter, not fine-tuned here; "
+                                "unload it with /v1/unload_lora_adapter, or restart the server without it", param="model",
+                           code="model_not_deletable")
+        if source == "checkpoint":
+            raise APIError(403, f"{name!r} is a checkpoint of fine-tuning job {info.get('job')}; it goes with its job",
+                           param="model", code="model_not_deletable")
+        if source == "loaded":
+            raise APIError(403, f"the adapter {name!r} was loaded with /v1/load_lora_adapter, not fine-tuned here; "
+                                "unload it with /v1/unload_lora_adapter (its files are left alone)", param="model",
+                           code="model_not_deletable")
+        why = self._in_use().get(name)
+        if why is not None:
+            raise APIError(409, f"the model {name!r} {why}", param="model", code="model_in_use")
+        if name in self.engine.adapters:
+            self.engine.adapters.remove(name)
+        self.store.remove_adapter(name)
+        self.last_used.pop(name, None)
+        return None if info is None else info["path"]
+
+    def _in_use(self) -> dict[str, str]:
+        """Engine thread: the adapters that must stay resident now, each with why."""
+        uses = {n: "is held by a request being admitted; retry later" for n, count in self._reserved.items() if count > 0}
+        uses |= {j.adapter.name: "is being trained; cancel its job first" for j in self.engine.trainer.jobs.values()
+                 if not j.state.is_final}
+        uses |= {r.adapter: "has requests in flight; retry when they finish" for r in self.engine.requests.values()
+                 if r.adapter is not None}
+        uses |= {j.reference.name: f"is the frozen reference of fine-tuning job {j.id}; cancel it first"
+                 for j in self.engine.trainer.jobs.values() if not j.state.is_final and j.reference is not None}
+        # an unfinished job's starting adapter: a restart recreates the job from it
+        uses |= {r["init_from"]: f"is the starting point of fine-tuning job {r['id']}; cancel it first"
+                 for r in self.store.jobs_with_status(*UNFINISHED) if r.get("init_from")}
+        return uses

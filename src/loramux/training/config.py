@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SCHEDULES = ("constant", "linear", "cosine")
+METHODS = ("supervised", "dpo")
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,13 @@ class TrainingConfig:
 
     The learning rate warms up linearly over warmup_steps (step s < warmup gets (s + 1) / warmup
     of it), then follows `lr_schedule` toward 0 as transformers' schedules do:
-    linear gives step s of T the share (T - s) / (T - warmup); cosine the cosine of that progress."""
+    linear gives step s of T the share (T - s) / (T - warmup); cosine the cosine of that progress.
+
+    method: "supervised" (prompt/completion or chat examples; the loss is the mean token
+    cross-entropy) or "dpo" (preference pairs; the loss is the mean over the optimizer batch's
+    pairs of -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), training/objectives.py). For
+    dpo, batch_size counts pairs, and a pair's chosen and rejected sequences, with the reference's
+    rows of both, run in one step: they must fit micro_batch_tokens together."""
 
     epochs: int = 3
     max_steps: int | None = None
@@ -39,6 +47,8 @@ class TrainingConfig:
     eval_every: int = 0
     checkpoint_every: int = 10
     checkpoint_interval: float = 60.0
+    method: str = "supervised"
+    beta: float = 0.1
 
     def __post_init__(self) -> None:
         checks = [
@@ -54,6 +64,8 @@ class TrainingConfig:
             (self.max_grad_norm is None or self.max_grad_norm > 0, f"max_grad_norm must be positive, got {self.max_grad_norm}"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
             (self.checkpoint_interval >= 0, f"checkpoint_interval must be >= 0 seconds, got {self.checkpoint_interval}"),
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (math.isfinite(self.beta) and self.beta > 0, f"beta must be positive and finite, got {self.beta}"),
         ]
         for ok, message in checks:
             if not ok:

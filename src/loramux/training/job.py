@@ -32,7 +32,7 @@ from loramux.batch import RowKind
 from loramux.lora.adapter import LoraAdapter
 from loramux.training.checkpoint import AdapterSnapshot, CheckpointSnapshot
 from loramux.training.config import TrainingConfig
-from loramux.training.data import Sample
+from loramux.training.objectives import Example, WorkSequence, objective_for
 from loramux.training.optim import learning_rate, make_optimizer
 from loramux.training.writer import Snapshot, Writer
 
@@ -53,7 +53,7 @@ class JobState(enum.Enum):
 @dataclass(frozen=True)
 class JobEvent:
     """created_at: unix seconds. data holds figures for metrics events (step, train_loss, eval_loss,
-    learning_rate, tokens_per_second, eta_seconds, ...)."""
+    learning_rate, tokens_per_second, eta_seconds, and a DPO job's rewards/* and eval_rewards/*)."""
 
     created_at: float
     message: str
@@ -62,13 +62,20 @@ class JobEvent:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One sample of a job in a step. weight: the factor of its summed token losses in the loss
-    (1 / target tokens of its optimizer batch for TRAIN; 1 for EVAL)."""
+    """One example of a job in a step (a sample, or a DPO pair), run as `sequences` (whole, in that
+    one step). kind: TRAIN (a part of an optimizer batch) or EVAL (evaluation). weight: the factor of
+    its loss in its batch's (1 / the batch's units, its objective's `units`, for TRAIN; 1 for EVAL)."""
 
     job: TrainingJob
-    sample: Sample
+    example: Example
     kind: RowKind
     weight: float
+    sequences: tuple[WorkSequence, ...]
+
+    @property
+    def num_rows(self) -> int:
+        """The rows it adds to a step (every sequence's tokens, reference rows included)."""
+        return sum(len(s.sample) for s in self.sequences)
 
 
 @dataclass(frozen=True)
@@ -85,21 +92,25 @@ class JobSummary:
     last_eval_loss: float | None
     error: str | None
     checkpoints: tuple[Path, ...]
+    last_metrics: dict = field(default_factory=dict)
 
 
 class TrainingJob:
-    """writer: where checkpoints and the final adapter are written (off the engine thread).
+    """train, val: Samples (method "supervised") or PreferencePairs ("dpo").
+    reference: a DPO job's reference adapter (frozen; None: the base model).
+    writer: where checkpoints and the final adapter are written (off the engine thread).
     clock: seconds, for `checkpoint_interval` and the job's running time; tests pass a fake one."""
 
     def __init__(
         self,
         job_id: str,
         adapter: LoraAdapter,
-        train: list[Sample],
+        train: list[Example],
         config: TrainingConfig,
         *,
         writer: Writer,
-        val: list[Sample] | None = None,
+        val: list[Example] | None = None,
+        reference: LoraAdapter | None = None,
         checkpoint_dir: str | Path | None = None,
         output_dir: str | Path | None = None,
         base_model: str = "",
@@ -112,6 +123,8 @@ class TrainingJob:
         self.adapter = adapter
         self.train, self.val = train, val or []
         self.config = config
+        self.objective = objective_for(config.method, config.beta)
+        self.reference = reference
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.output_dir = Path(output_dir) if output_dir else None
         self.base_model = base_model
@@ -131,6 +144,7 @@ class TrainingJob:
         self.train_tokens = 0
         self.last_train_loss: float | None = None
         self.last_eval_loss: float | None = None
+        self.last_metrics: dict[str, float] = {}  # the objective's metrics of the last optimizer step (and eval)
         self._running_seconds = 0.0
         self._resumed_at: float | None = None
         self._batch: list[int] = []
@@ -138,9 +152,11 @@ class TrainingJob:
         self._done = 0  # samples of the current batch completed
         self._batch_loss = 0.0
         self._batch_weight = 0.0
-        self._eval_queue: list[Sample] = []
+        self._batch_metrics: dict[str, float] = {}
+        self._eval_queue: list[Example] = []
         self._eval_loss = 0.0
-        self._eval_tokens = 0
+        self._eval_units = 0
+        self._eval_metrics: dict[str, float] = {}
         self._eval_pending = 0
         self._writes: list[tuple[Snapshot, Future]] = []  # submitted, results not yet taken in
         self._finishing = False  # trained to the end; waiting for its writes before succeeding
@@ -211,7 +227,7 @@ class TrainingJob:
     def summary(self) -> JobSummary:
         return JobSummary(
             self.id, self.adapter.name, self.state, self.step, self.total_steps, self.train_tokens,
-            self.last_train_loss, self.last_eval_loss, self.error, tuple(self.checkpoints),
+            self.last_train_loss, self.last_eval_loss, self.error, tuple(self.checkpoints), dict(self.last_metrics),
         )
 
     # --- writes -----------------------------------------------------------------------------------
@@ -259,7 +275,8 @@ class TrainingJob:
         self._batch = self.batch_indices(self.step)
         self._handed = self._done = 0
         self._batch_loss = 0.0
-        self._batch_weight = 1.0 / max(sum(self.train[i].num_loss_tokens for i in self._batch), 1)
+        self._batch_metrics = {}
+        self._batch_weight = 1.0 / max(sum(self.objective.units(self.train[i]) for i in self._batch), 1)
 
     # --- work -------------------------------------------------------------------------------------
     @property
@@ -271,28 +288,31 @@ class TrainingJob:
         return self._handed < len(self._batch)
 
     def take(self, max_tokens: int) -> list[WorkItem]:
-        """Whole samples, in order, up to batch_size samples and `max_tokens` tokens. Evaluation runs
-        before training resumes; samples of two optimizer batches never share a step."""
+        """Whole examples (all rows of a DPO pair together), in order, up to batch_size examples and
+        `max_tokens` rows. Evaluation runs before training resumes; examples of two optimizer batches
+        never share a step."""
         items: list[WorkItem] = []
-        tokens = 0
+        rows = 0
         limit = min(max_tokens, self.config.micro_batch_tokens)
         while self.wants_work and len(items) < self.config.batch_size:
             if self._eval_pending:
-                sample, kind, weight = self._eval_queue[0], RowKind.EVAL, 1.0
+                example, kind, weight = self._eval_queue[0], RowKind.EVAL, 1.0
             else:
-                sample, kind, weight = self.train[self._batch[self._handed]], RowKind.TRAIN, self._batch_weight
-            if tokens + len(sample) > limit:
+                example, kind, weight = self.train[self._batch[self._handed]], RowKind.TRAIN, self._batch_weight
+            item = WorkItem(self, example, kind, weight, self.objective.sequences(example, kind, self.adapter, self.reference))
+            if rows + item.num_rows > limit:
                 break
             if kind is RowKind.EVAL:
                 self._eval_queue.pop(0)
             else:
                 self._handed += 1
-            items.append(WorkItem(self, sample, kind, weight))
-            tokens += len(sample)
+            items.append(item)
+            rows += item.num_rows
         return items
 
-    def complete(self, item: WorkItem, loss_sum: float) -> None:
-        """loss_sum: the sample's summed token losses (already multiplied by its weight for TRAIN).
+    def complete(self, item: WorkItem, loss_sum: float, metrics: dict[str, float]) -> None:
+        """loss_sum: the item's loss (already multiplied by its weight for TRAIN: for a supervised
+        sample its summed token losses); metrics: the objective's figures of the item, unweighted.
         A non-finite loss fails the job before its optimizer step can spread it into the weights."""
         if self.state.is_final:
             return
@@ -303,13 +323,17 @@ class TrainingJob:
             return
         if item.kind is RowKind.EVAL:
             self._eval_loss += loss_sum
-            self._eval_tokens += item.sample.num_loss_tokens
+            self._eval_units += self.objective.units(item.example)
+            for name, value in metrics.items():  # summed here, a mean over the evaluated examples at the end
+                self._eval_metrics[name] = self._eval_metrics.get(name, 0.0) + value
             self._eval_pending -= 1
             if not self._eval_pending:
                 self._finish_eval()
             return
         self._batch_loss += loss_sum
-        self.train_tokens += len(item.sample)
+        for name, value in metrics.items():  # the mean over the batch's examples
+            self._batch_metrics[name] = self._batch_metrics.get(name, 0.0) + value / len(self._batch)
+        self.train_tokens += len(item.example)
         self._done += 1
         if self._done == len(self._batch):
             self._optimizer_step()
@@ -331,12 +355,13 @@ class TrainingJob:
         self.on_weights_changed()
         self.step += 1
         self.last_train_loss = self._batch_loss
+        self.last_metrics.update(self._batch_metrics)
         seconds = self.running_seconds
         self.emit(
             f"step {self.step}/{self.total_steps}: train loss {self._batch_loss:.4f}",
             step=self.step, total_steps=self.total_steps, train_loss=self._batch_loss, learning_rate=lr,
             grad_norm=grad_norm, tokens_per_second=self.train_tokens / max(seconds, 1e-9),
-            eta_seconds=seconds / self.step * (self.total_steps - self.step),
+            eta_seconds=seconds / self.step * (self.total_steps - self.step), **self._batch_metrics,
         )
         finished = self.step >= self.total_steps
         if self._checkpoint_due(finished):
@@ -369,11 +394,16 @@ class TrainingJob:
     def _start_eval(self) -> None:
         self._eval_queue = list(self.val)
         self._eval_pending = len(self.val)
-        self._eval_loss, self._eval_tokens = 0.0, 0
+        self._eval_loss, self._eval_units, self._eval_metrics = 0.0, 0, {}
 
     def _finish_eval(self) -> None:
-        self.last_eval_loss = self._eval_loss / max(self._eval_tokens, 1)
-        self.emit(f"step {self.step}: eval loss {self.last_eval_loss:.4f}", step=self.step, eval_loss=self.last_eval_loss)
+        """The eval loss is the mean over the validation set's units (target tokens, or pairs), as
+        the train loss is over a batch's; metrics are means over its examples, named eval_* (TRL's names)."""
+        self.last_eval_loss = self._eval_loss / max(self._eval_units, 1)
+        metrics = {f"eval_{name}": total / len(self.val) for name, total in self._eval_metrics.items()}
+        self.last_metrics.update(metrics)
+        self.emit(f"step {self.step}: eval loss {self.last_eval_loss:.4f}", step=self.step, eval_loss=self.last_eval_loss,
+                  **metrics)
         if self.step >= self.total_steps:
             self._finish()
 
@@ -400,6 +430,6 @@ class TrainingJob:
 
     def data_fingerprint(self) -> str:
         h = hashlib.sha256(repr((self.config.seed, self.config.samples_per_step, len(self.train))).encode())
-        for s in self.train:
-            h.update(repr(s.input_ids).encode())
+        for example in self.train:
+            h.update(self.objective.identity(example).encode())
         return h.hexdigest()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from loramux.batch import RowKind
 from loramux.model.llama import LlamaModel
 from loramux.training.job import JobSummary, TrainingJob, WorkItem
+from loramux.training.objectives import WorkSequence
 from loramux.training.writer import Writer
 
 log = logging.getLogger("loramux.training")
@@ -52,9 +53,17 @@ class Trainer:
     def add(self, job: TrainingJob) -> None:
         if job.id in self.jobs or job.id in self.finished:
             raise ValueError(f"job id {job.id!r} is in use")
-        training = [j for j in self.jobs.values() if j.adapter is job.adapter and not j.state.is_final]
+        live = [j for j in self.jobs.values() if not j.state.is_final]
+        training = [j for j in live if job.adapter is j.adapter]
         if training:
             raise ValueError(f"adapter {job.adapter.name!r} is being trained by job {training[0].id}")
+        # a DPO job's reference stays frozen: nobody trains it while the job runs
+        referenced = [j for j in live if job.adapter is j.reference]
+        if referenced:
+            raise ValueError(f"adapter {job.adapter.name!r} is the reference of job {referenced[0].id}")
+        moving = [j for j in live if job.reference is not None and job.reference is j.adapter]
+        if moving:
+            raise ValueError(f"adapter {job.reference.name!r} cannot be a reference: job {moving[0].id} is training it")
         self.jobs[job.id] = job
         job.start()
 
@@ -75,7 +84,8 @@ class Trainer:
         return any(j.wants_work or j.writes_pending for j in self.jobs.values())
 
     def take_work(self, max_tokens: int) -> list[WorkItem]:
-        """Whole samples from the jobs that want work, starting with a different job each step."""
+        """Whole examples (their rows within `max_tokens` in all) from the jobs that want work, starting
+        with a different job each step."""
         jobs = [j for j in self.jobs.values() if j.wants_work]
         if not jobs or max_tokens <= 0:
             return []
@@ -83,7 +93,7 @@ class Trainer:
         items: list[WorkItem] = []
         for job in jobs[self._turn :] + jobs[: self._turn]:
             with _failing(job, "handing out its samples"):
-                items += job.take(max_tokens - sum(len(i.sample) for i in items))
+                items += job.take(max_tokens - sum(i.num_rows for i in items))
         return items
 
     def poll(self) -> None:
@@ -103,53 +113,94 @@ class Trainer:
             job.fail(error)
 
     def apply(self, hidden: torch.Tensor, rows: Sequence[range], items: Sequence[WorkItem]) -> None:
-        """hidden: the step's final hidden states (TRAIN rows carry autograd graphs); rows[k]: the
-        rows of items[k]. Backpropagates every TRAIN item's weighted loss (into its own adapter only)
-        and reports each item's loss to its job."""
+        """hidden: the step's final hidden states (TRAIN rows carry autograd graphs); rows: the row
+        range of every sequence of `items`, in order (items[0].sequences, then items[1]'s, ...).
+        Backpropagates every TRAIN item's weighted loss (into its own adapter only) and reports each
+        item's loss and metrics to its job."""
+        starts = [0]
+        for item in items:
+            starts.append(starts[-1] + len(item.sequences))
         losses = torch.zeros(len(items), dtype=torch.float64)
+        metrics: list[dict[str, float]] = [{} for _ in items]
         for kind in (RowKind.TRAIN, RowKind.EVAL):
             picked = [k for k, item in enumerate(items) if item.kind is kind]
             if not picked:
                 continue
             try:
-                losses[picked] = self._loss(hidden, [rows[k] for k in picked], [items[k] for k in picked], kind is RowKind.TRAIN)
+                item_rows = [rows[starts[k] : starts[k + 1]] for k in picked]
+                losses[picked], picked_metrics = self._loss(hidden, item_rows, [items[k] for k in picked], kind is RowKind.TRAIN)
+                for k, m in zip(picked, picked_metrics):
+                    metrics[k] = m
             except Exception as e:
                 log.exception("the %s loss of a step failed", kind.name)
                 self.fail_all([items[k] for k in picked], f"the step's {kind.name.lower()} loss failed: {type(e).__name__}: {e}")
-        for item, loss in zip(items, losses.tolist()):
+        for item, loss, item_metrics in zip(items, losses.tolist(), metrics):
             with _failing(item.job, "its update after the step (optimizer step, evaluation, snapshots)"):
-                item.job.complete(item, loss)
+                item.job.complete(item, loss, item_metrics)
 
-    def _loss(self, hidden: torch.Tensor, rows: list[range], items: list[WorkItem], backward: bool) -> torch.Tensor:
-        """Per item: weight * sum over its target tokens of the cross-entropy."""
-        positions, targets, weights, owners = [], [], [], []
-        for k, (r, item) in enumerate(zip(rows, items)):
-            ids, mask = item.sample.input_ids, item.sample.loss_mask
+    def _loss(
+        self, hidden: torch.Tensor, rows: list[Sequence[range]], items: list[WorkItem], backward: bool
+    ) -> tuple[torch.Tensor, list[dict[str, float]]]:
+        """Per item: weight * its objective's loss of its sequences' summed target log-probabilities,
+        and its metrics. With `backward`, the gradient of the summed losses flows into the TRAIN rows:
+        each target row's gradient of its own log-probability, scaled by d loss / d (its sequence's sum)."""
+        sequences = [(seq, r) for item, item_rows in zip(items, rows) for seq, r in zip(item.sequences, item_rows)]
+        logps = torch.zeros(len(sequences), dtype=torch.float64)
+        graph = [j for j, (seq, _) in enumerate(sequences) if backward and seq.kind is RowKind.TRAIN]
+        rest = sorted(set(range(len(sequences))) - set(graph))
+        if rest:
+            logps[rest], _ = self._logprobs(hidden, [sequences[j] for j in rest], with_graph=False)
+        if graph:
+            logps[graph], (selected, row_grads, owners) = self._logprobs(hidden, [sequences[j] for j in graph], with_graph=True)
+        leaf = logps.requires_grad_(backward)
+        losses, metrics = [], []
+        start = 0
+        with torch.set_grad_enabled(backward):
+            for item in items:
+                loss, item_metrics = item.job.objective.loss(leaf[start : start + len(item.sequences)])
+                losses.append(item.weight * loss)
+                metrics.append({name: float(v) for name, v in item_metrics.items()})
+                start += len(item.sequences)
+            total = torch.stack(losses)
+        if graph:
+            total.sum().backward()
+            scale = leaf.grad[graph][owners].float()  # d loss / d (logp sum of the row's sequence)
+            selected.backward((row_grads * scale[:, None]).to(selected.dtype))
+        return total.detach(), metrics
+
+    def _logprobs(
+        self, hidden: torch.Tensor, sequences: list[tuple[WorkSequence, range]], with_graph: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """Each sequence's summed log-probability of its target tokens [n] (float64) and, with_graph,
+        (the target rows' hidden states [R, hidden] (in the graph), d log p / d row [R, hidden]
+        (float32), the index of each row's sequence [R]). The rows are projected through the
+        vocabulary LOSS_CHUNK_ROWS at a time: each chunk's logits are made (and differentiated) and
+        dropped before the next."""
+        positions, targets, owners = [], [], []
+        for j, (seq, r) in enumerate(sequences):
+            ids, mask = seq.sample.input_ids, seq.sample.loss_mask
             for t in range(len(ids) - 1):
                 if mask[t + 1]:
                     positions.append(r.start + t)
                     targets.append(ids[t + 1])
-                    weights.append(item.weight)
-                    owners.append(k)
+                    owners.append(j)
         device = hidden.device
-        positions_t = torch.tensor(positions, dtype=torch.long, device=device)
         targets_t = torch.tensor(targets, dtype=torch.long, device=device)
-        weights_t = torch.tensor(weights, dtype=torch.float32, device=device)
-        selected = hidden[positions_t]
-        leaf = selected.detach().requires_grad_(backward)
-        token_losses = []
-        with torch.set_grad_enabled(backward):
+        owners_t = torch.tensor(owners, dtype=torch.long, device=device)
+        selected = hidden[torch.tensor(positions, dtype=torch.long, device=device)]
+        # float32 leaf: the row gradients are scaled in float32 and rounded to the model's dtype once
+        leaf = selected.detach().float().requires_grad_(with_graph)
+        token_logps = []
+        with torch.set_grad_enabled(with_graph):
             for s in range(0, len(positions), LOSS_CHUNK_ROWS):
                 chunk = slice(s, s + LOSS_CHUNK_ROWS)
-                ce = F.cross_entropy(self.model.logits(leaf[chunk]), targets_t[chunk], reduction="none") * weights_t[chunk]
-                if backward:
-                    ce.sum().backward()
-                token_losses.append(ce.detach())
-        if backward:
-            selected.backward(leaf.grad)
-        per_item = torch.zeros(len(items), dtype=torch.float64, device=device)
-        per_item.index_add_(0, torch.tensor(owners, dtype=torch.long, device=device), torch.cat(token_losses).double())
-        return per_item.cpu()
+                logp = -F.cross_entropy(self.model.logits(leaf[chunk].to(hidden.dtype)), targets_t[chunk], reduction="none")
+                if with_graph:
+                    logp.sum().backward()
+                token_logps.append(logp.detach())
+        sums = torch.zeros(len(sequences), dtype=torch.float64, device=device)
+        sums.index_add_(0, owners_t, torch.cat(token_logps).double())
+        return sums.cpu(), ((selected, leaf.grad, owners_t) if with_graph else None)
 
 
 @contextmanager
