@@ -4,6 +4,7 @@ quick mode run as a user would (`loramux bench SETTING --quick`), checked for we
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -84,9 +85,19 @@ def test_adapter_assignment_uniform_and_zipf():
     assert zipf["bench-0"] > zipf["bench-3"] > zipf["bench-15"]
 
 
+def test_a_shared_prefix_workload_starts_every_prompt_with_its_adapters_system_prompt():
+    plain = Workload(num_requests=40, num_adapters=3, active_adapters=3, prompt_tokens=16, fixed_lengths=True)
+    shared = make_requests(dataclasses.replace(plain, shared_prefix_tokens=100), POOL)
+    prefixes = {}
+    for r, own in zip(shared, make_requests(plain, POOL)):
+        assert len(r.prompt_ids) == 116 and r.prompt_ids[100:] == own.prompt_ids  # the same requests after it
+        prefixes.setdefault(r.adapter, set()).add(tuple(r.prompt_ids[:100]))
+    assert all(len(p) == 1 for p in prefixes.values()) and len({p.pop() for p in prefixes.values()}) == 3
+
+
 def test_bad_workloads_are_refused():
     for kwargs in ({"arrival": "sometimes"}, {"skew": "heavy"}, {"arrival": "bursty", "burst_cv": 0.5},
-                   {"active_adapters": 5}, {"arrival": "poisson", "rate": 0}):
+                   {"active_adapters": 5}, {"arrival": "poisson", "rate": 0}, {"shared_prefix_tokens": -1}):
         with pytest.raises(ValueError):
             Workload(**kwargs)
 
@@ -220,6 +231,7 @@ def test_quick_unified_setting_through_the_server(tmp_path):
     (["inference", "--http"], "--http applies to the unified setting only"),
     (["unified", "--http", "--ttft", "1"], "--ttft and --tpot must be those"),
     (["finetune", "--short-output-tokens", "16"], "--short-output-tokens applies to the unified setting only"),
+    (["unified", "--shared-prefix-tokens", "100"], "--shared-prefix-tokens applies to the inference setting only"),
 ])
 def test_options_that_would_be_ignored_are_refused(argv, named, capsys, monkeypatch):
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # what main() would set, undone after the test

@@ -32,9 +32,12 @@ from loramux.lora.peft_io import save_peft_adapter
 EXAMPLES = 6  # per operation and generation mode
 TIMEOUT = 120  # seconds a response may take: far more than any takes, even beside the fuzzer's fine-tuning jobs on a busy CPU
 SCHEMA_VALID_BUT_400 = ("/v1/completions", "/v1/chat/completions", "/v1/files", "/v1/fine_tuning/jobs",
-                        "/v1/fine_tuning/jobs/{job_id}/events", "/v1/fine_tuning/jobs/{job_id}/checkpoints", "/v1/load_lora_adapter")
+                        "/v1/fine_tuning/jobs/{job_id}/events", "/v1/fine_tuning/jobs/{job_id}/checkpoints", "/v1/load_lora_adapter",
+                        "/tokenize", "/detokenize", "/v1/fine_tuning/jobs/{job_id}/pause", "/v1/fine_tuning/jobs/{job_id}/resume")
 UNLIKELY_TO_SUCCEED = ("POST /v1/files", "POST /v1/fine_tuning/jobs", "POST /v1/load_lora_adapter",
-                       "GET /v1/fine_tuning/jobs/{job_id}/events", "GET /v1/fine_tuning/jobs/{job_id}/checkpoints")
+                       "GET /v1/fine_tuning/jobs/{job_id}/events", "GET /v1/fine_tuning/jobs/{job_id}/checkpoints",
+                       "DELETE /v1/models/{model_id}",  # only the fine-tuned model may go, and only once
+                       "POST /v1/fine_tuning/jobs/{job_id}/pause", "POST /v1/fine_tuning/jobs/{job_id}/resume")  # the job has finished
 TRAINING = b"".join(json.dumps({"prompt": f"Say {w}.", "completion": f" {w}"}).encode() + b"\n" for w in ("yes", "no", "maybe"))
 
 
@@ -69,7 +72,7 @@ def live(tmp_path_factory) -> dict:
 def test_api_conforms_to_its_schema(live):
     names = live["names"]
     bindings = {"body.model": "models", "body.training_file": "files", "body.validation_file": "files",
-                "path.file_id": "files", "path.job_id": "jobs", "query.after": "cursors", "body.lora_path": "adapter_dirs",
+                "path.file_id": "files", "path.job_id": "jobs", "path.model_id": "models", "query.after": "cursors", "body.lora_path": "adapter_dirs",
                 "body.lora_name": "adapters"}
     config = schemathesis.Config.from_dict({
         "headers": {"Authorization": f"Bearer {KEY}"},
@@ -78,8 +81,11 @@ def test_api_conforms_to_its_schema(live):
         "parameters": {key: {"dictionary": name, "probability": 0.8} for key, name in bindings.items()},
         # Schema-valid requests that the server must still refuse with a 400, for what a schema
         # cannot say: a prompt that does not fit the model (token ids past its vocabulary, prompt plus
-        # max_tokens past its context), an upload that is not fine-tuning JSONL, a cursor (`after`)
-        # that is not in the list, an adapter path that is not an adapter in the allowed directories.
+        # max_tokens past its context, or logit_bias ids past it), fields that contradict each other
+        # (stream_options without stream), an upload that is not fine-tuning JSONL, a cursor (`after`)
+        # that is not in the list, an adapter path that is not an adapter in the allowed directories,
+        # ids to detokenize past the vocabulary, messages a chat template refuses, a finished job
+        # paused or resumed.
         "operations": [{"include-path": list(SCHEMA_VALID_BUT_400),
                         "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404", "409", "429", "5xx"]}}}],
     })
@@ -108,7 +114,7 @@ def test_api_conforms_to_its_schema(live):
                 failures.append(f"{operation.label} ({mode}): {e}")
     print(f"{sum(cases.values())} cases:", {label: dict(s) for label, s in statuses.items()})
     assert not failures, "\n\n".join(failures)
-    assert len(cases) == 18
+    assert len(cases) == 25
     # the real names got the fuzzer past "not found" to every operation, and to success where a
     # random request can succeed (a random upload is not fine-tuning JSONL, a random job or adapter
     # load seldom names a valid file or adapter directory, a random cursor seldom is one of the list's)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from loramux.bench.command import add_bench_parser
 from loramux.config import CACHE_ENV
-from loramux.training.config import TrainingConfig
+from loramux.server.tool_parsers import DEFAULT_TOOL_PARSER, TOOL_PARSERS
+from loramux.training.config import METHODS, TrainingConfig
 
 BASE = "base"  # --use value meaning "no adapter"
 
@@ -32,6 +33,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--cache-dir", default=None, help="where converted models and compiled kernels are kept (env LORAMUX_CACHE_DIR)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def _add_prefix_caching_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of a prompt's prefix computed for an earlier request of the same adapter "
+                        "at the same weights (default: on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,19 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    _add_prefix_caching_option(gen)
     gen.set_defaults(run=_generate)
 
     ft = sub.add_parser("finetune", help="fine-tune a LoRA adapter on a JSONL file, with live progress")
     _add_model_options(ft)
     ft.set_defaults(dtype=None)  # float32 for local runs (`_engine`); None tells a --server run it was not given
-    ft.add_argument("--data", required=True, help="training JSONL: {prompt, completion} or {messages: [...]} per line")
-    ft.add_argument("--val", default=None, help="validation JSONL, same formats")
+    ft.add_argument("--data", required=True, help="training JSONL: {prompt, completion} or {messages: [...]} per line; "
+                    "for --method dpo, {input: {messages}, preferred_output, non_preferred_output}")
+    ft.add_argument("--val", default=None, help="validation JSONL, same format")
     ft.add_argument("--name", required=True, help="adapter name")
     ft.add_argument("--output-dir", default=None, help="where the adapter is written, in PEFT's format (local runs)")
     ft.add_argument("--server", default=None, metavar="URL", help="submit the job to a running `loramux serve` and follow it")
     ft.add_argument("--api-key", default=None, help="the server's API key (env LORAMUX_API_KEY)")
     ft.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT_DIR/checkpoints; a rerun resumes from the latest")
-    ft.add_argument("--adapter-init", default=None, metavar="PATH", help="continue training this PEFT adapter")
+    ft.add_argument("--adapter-init", default=None, metavar="PATH",
+                    help="start from this PEFT adapter (loaded as NAME-init; a copy is trained; with dpo it is the reference)")
     lora = ft.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=16)
     lora.add_argument("--alpha", type=float, default=32.0)
@@ -73,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--target-modules", default="all-linear", help="comma-separated, or all-linear")
     lora.add_argument("--rslora", action="store_true")
     hp = ft.add_argument_group("training")
+    hp.add_argument("--method", default=TrainingConfig.method, choices=list(METHODS),
+                    help="supervised fine-tuning, or DPO on preference pairs (default: %(default)s)")
+    hp.add_argument("--beta", type=float, default=TrainingConfig.beta, help="dpo: the strength of the reference (default: %(default)s)")
     hp.add_argument("--epochs", type=int, default=3)
     hp.add_argument("--max-steps", type=int, default=None)
     hp.add_argument("--batch-size", type=int, default=8)
@@ -104,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(serve)
     serve.add_argument("--adapter", action="append", type=_adapter_spec, default=[], metavar="NAME=PATH",
                        help="load a PEFT LoRA adapter directory under NAME at start (repeatable)")
+    serve.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                       help="the base model's id in the API (default: the model's name); more names are aliases requests may use")
+    serve.add_argument("--tool-call-parser", default=DEFAULT_TOOL_PARSER, choices=sorted(TOOL_PARSERS),
+                       help="how tool calls are read from the model's output (default hermes: <tool_call>{...}</tool_call>, "
+                            "SmolLM2's format; llama3_json: Llama 3's {\"name\", \"parameters\"} JSON)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default="./loramux-data", help="files, jobs, adapters and checkpoints (SQLite + files)")
@@ -114,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-upload-mb", type=float, default=64.0, help="largest uploaded file")
     serve.add_argument("--kv-cache-mb", type=int, default=512, help="memory for the paged KV cache")
     serve.add_argument("--max-waiting", type=int, default=1024, help="queued requests beyond this get 429")
+    _add_prefix_caching_option(serve)
     serve.add_argument("--max-adapters", type=int, default=0,
                        help="resident adapter limit; idle ones are evicted by LRU and reloaded on demand (0: none)")
     serve.set_defaults(run=_serve)
@@ -148,10 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _engine(args):
-    from loramux import Engine
+def _engine(args, prefix_caching: bool = True):
+    from loramux import Engine, EngineConfig, SchedulerConfig
 
-    return Engine.load(args.model, cache=args.cache_dir, dtype=args.dtype or "float32")
+    config = EngineConfig(scheduler=SchedulerConfig(enable_prefix_caching=prefix_caching))
+    return Engine.load(args.model, cache=args.cache_dir, dtype=args.dtype or "float32", config=config)
 
 
 def _generate(args) -> int:
@@ -166,7 +186,7 @@ def _generate(args) -> int:
     adapters = [None if u == BASE else u for u in (uses * len(prompts) if len(uses) == 1 else uses)]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    engine = _engine(args)
+    engine = _engine(args, args.enable_prefix_caching)
     for name, path in args.adapter:
         engine.load_adapter(name, path)
     for prompt, out in zip(prompts, engine.generate(prompts, adapters, chat=args.chat, params=params)):
@@ -194,16 +214,20 @@ def _serve(args) -> int:
         store = Store(args.data_dir)
     except DataDirLocked as e:
         raise ValueError(str(e)) from None
+    scheduler = SchedulerConfig(max_waiting=args.max_waiting, enable_prefix_caching=args.enable_prefix_caching)
     engine = Engine(load_model(args.model, cache=args.cache_dir, dtype=parse_dtype(args.dtype)),
-                    EngineConfig(kv_cache_memory=args.kv_cache_mb * 2**20, scheduler=SchedulerConfig(max_waiting=args.max_waiting)))
+                    EngineConfig(kv_cache_memory=args.kv_cache_mb * 2**20, scheduler=scheduler))
     for name, path in args.adapter:  # into the catalog: evictable, reloaded on demand, kept across restarts
+        if name in args.served_model_name:
+            raise ValueError(f"--adapter {name}: the name is one of --served-model-name's")
         load_peft_adapter(path, engine.model.config, name)  # refuse a bad one now, with its reason
         store.put_adapter(name, {"path": str(Path(path).resolve()), "source": "--adapter", "pinned": False})
     settings = Settings(api_key=args.api_key or os.environ.get("LORAMUX_API_KEY"), allowed_adapter_dirs=tuple(args.allow_adapter_dir),
                         max_body_bytes=int(args.max_body_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),
-                        max_resident_adapters=args.max_adapters)
+                        max_resident_adapters=args.max_adapters, served_model_names=tuple(args.served_model_name),
+                        tool_call_parser=args.tool_call_parser)
     app = create_app(engine, store, settings)
-    print(f"loramux serving {engine.model_name} on http://{args.host}:{args.port}/v1 (data in {store.root})", flush=True)
+    print(f"loramux serving {app.state.context.base_id} on http://{args.host}:{args.port}/v1 (data in {store.root})", flush=True)
     return serve(app, args.host, args.port)
 
 
@@ -237,7 +261,7 @@ LOCAL_ONLY = {"output_dir": "--output-dir", "checkpoint_dir": "--checkpoint-dir"
 # TrainingConfig options the CLI passes as they are, locally and in a server job's `training` block
 # (OpenAI's hyperparameters and the seed carry the rest).
 TRAINING_OPTIONS = ("max_steps", "gradient_accumulation", "micro_batch_tokens", "lr_schedule", "warmup_steps",
-                    "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every", "checkpoint_interval")
+                    "weight_decay", "max_grad_norm", "eval_every", "checkpoint_every", "checkpoint_interval", "method", "beta")
 
 
 def _training_options(args) -> dict:
@@ -254,12 +278,15 @@ def _finetune_on_server(args) -> int:
     train = client.upload(args.data)
     val = client.upload(args.val) if args.val else None
     targets = args.target_modules if args.target_modules == "all-linear" else [t.strip() for t in args.target_modules.split(",")]
+    hyperparameters = {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.learning_rate / 2e-4}
+    if args.method == "dpo":
+        hyperparameters["beta"] = args.beta
     job = client.create_job({
         "model": client.models()[0]["id"], "training_file": train["id"], "validation_file": val["id"] if val else None,
         "suffix": args.name, "seed": args.seed,
-        "hyperparameters": {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.learning_rate / 2e-4},
+        "method": {"type": args.method, args.method: {"hyperparameters": hyperparameters}},  # OpenAI's method block
         "lora": {"r": args.rank, "alpha": args.alpha, "dropout": args.dropout, "target_modules": targets, "use_rslora": args.rslora},
-        "training": _training_options(args),
+        "training": {k: v for k, v in _training_options(args).items() if k not in ("method", "beta")},
     })
     print(f"job {job['id']} submitted to {args.server}", file=sys.stderr, flush=True)
     progress = ProgressLine(sys.stderr)
@@ -287,10 +314,11 @@ def _finetune(args) -> int:
     training = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
                               **_training_options(args))
     engine = _engine(args)
-    if args.adapter_init:
-        engine.load_adapter(args.name, args.adapter_init)
+    start = f"{args.name}-init" if args.adapter_init else None
+    if start:
+        engine.load_adapter(start, args.adapter_init)
     job = engine.create_job(
-        args.name, args.data, val=args.val, lora=None if args.adapter_init else lora, training=training,
+        args.name, args.data, val=args.val, lora=None if start else lora, training=training, init_from=start,
         checkpoint_dir=args.checkpoint_dir or Path(args.output_dir) / "checkpoints", output_dir=args.output_dir,
     )
     progress = ProgressLine(sys.stderr)

