@@ -162,6 +162,17 @@ def test_a_job_started_from_the_page_runs_and_its_loss_chart_gains_points(consol
 
     job = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert job["status"] == "running" and job["hyperparameters"]["batch_size"] == 2 and job["lora"]["r"] == 4
+
+    # pause and resume from the page reach the job (its status, as the API reports it)
+    detail = page.locator("#job-detail")
+    detail.get_by_role("button", name="Pause").click()
+    sync_api.expect(page.locator("#job-message")).to_have_text("Paused.")
+    sync_api.expect(page.locator(f'#jobs-table tr[data-job-id="{job_id}"]')).to_contain_text("paused")
+    assert httpx.get(f"{server.url}/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"}).json()["status"] == "paused"
+    sync_api.expect(detail.get_by_role("button", name="Pause")).to_be_hidden()
+    detail.get_by_role("button", name="Resume").click()
+    sync_api.expect(page.locator("#job-message")).to_have_text("Resumed.")
+    sync_api.expect(page.locator(f'#jobs-table tr[data-job-id="{job_id}"]')).to_contain_text("running")
     assert watch.problems == []
 
 

@@ -63,7 +63,8 @@ export async function uploadFile(file) {
 
 export const listJobs = async (limit = 20) => (await getJSON(`/v1/fine_tuning/jobs?${query({ limit })}`)).data;
 export const createJob = (body) => postJSON("/v1/fine_tuning/jobs", body);
-export const cancelJob = (id) => postJSON(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}/cancel`, {});
+// action: "cancel", "pause" or "resume"
+export const jobAction = (id, action) => postJSON(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}/${action}`, {});
 export const jobEvents = (id, after) => getJSON(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events?${query({ limit: 100, after })}`);
 export const jobCheckpoints = async (id) =>
   (await getJSON(`/v1/fine_tuning/jobs/${encodeURIComponent(id)}/checkpoints?${query({ limit: 100 })}`)).data;

@@ -1,8 +1,8 @@
 // The fine-tuning panel: jobs with status, progress and ETA (from their events), the selected
-// job's train and eval loss by step, its checkpoints (each can be served as an adapter), cancel,
-// and a new job from an uploaded JSONL file with its hyperparameters.
+// job's train and eval loss by step, its checkpoints (each a model of its own), pause, resume,
+// cancel, and a new job from an uploaded JSONL file with its hyperparameters.
 
-import { cancelJob, createJob, jobCheckpoints, jobEvents, listJobs, uploadFile } from "./api.js";
+import { createJob, jobAction, jobCheckpoints, jobEvents, listJobs, uploadFile } from "./api.js";
 import { COLORS, lineChart } from "./charts.js";
 import { duration, h, keepFocus, number, say } from "./dom.js";
 import { poll } from "./poll.js";
@@ -74,7 +74,8 @@ const optionalNumber = (value) => (value === "" || value == null ? undefined : N
 export function jobsPanel(active, onModelsChanged) {
   const body = document.querySelector("#jobs-table tbody");
   const detail = document.getElementById("job-detail");
-  const cancel = document.getElementById("job-cancel");
+  const actions = { cancel: document.getElementById("job-cancel"), pause: document.getElementById("job-pause"),
+    resume: document.getElementById("job-resume") };
   const jobMessage = document.getElementById("job-message");
   const checkpointsBody = document.querySelector("#checkpoints-table tbody");
   const form = document.getElementById("job-form");
@@ -122,7 +123,9 @@ export function jobsPanel(active, onModelsChanged) {
       lora ? `LoRA r ${lora.r}, alpha ${lora.alpha}, ${[lora.target_modules].flat().join(", ")}` : null,
       job.error ? `error: ${job.error.message}` : null,
     ].filter(Boolean).join(" · ");
-    cancel.hidden = FINAL.has(job.status);
+    actions.cancel.hidden = FINAL.has(job.status);
+    actions.pause.hidden = !["running", "queued", "validating_files"].includes(job.status);
+    actions.resume.hidden = job.status !== "paused";
     chart ??= lineChart(document.getElementById("loss-chart"), {
       time: false, xLabel: "step",
       series: [{ label: "train loss", stroke: COLORS.train }, { label: "eval loss", stroke: COLORS.eval }],
@@ -160,15 +163,18 @@ export function jobsPanel(active, onModelsChanged) {
     refresh.now();
   }
 
-  cancel.addEventListener("click", async () => {
-    try {
-      await cancelJob(selected);
-      say(jobMessage, "Cancelled.", "ok");
-    } catch (error) {
-      say(jobMessage, `Could not cancel: ${error.message}`);
-    }
-    refresh.now();
-  });
+  const done = { cancel: "Cancelled.", pause: "Paused.", resume: "Resumed." };
+  for (const [action, button] of Object.entries(actions)) {
+    button.addEventListener("click", async () => {
+      try {
+        await jobAction(selected, action);
+        say(jobMessage, done[action], "ok");
+      } catch (error) {
+        say(jobMessage, `Could not ${action}: ${error.message}`);
+      }
+      refresh.now();
+    });
+  }
 
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
