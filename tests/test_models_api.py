@@ -69,6 +69,29 @@ def test_the_served_names_list_first_and_answer_under_the_name_asked(server):
         client.completions.create(model="tiny", prompt="Hi", max_tokens=2)  # the model's own name is not served
 
 
+def test_adapter_cards_tell_rank_targets_size_and_pinning(server):
+    """What the console shows of an adapter, read from the engine when resident and from its
+    directory when not: rank, alpha and targets as written in adapter_config.json, the weights'
+    size on disk, and whether it is pinned."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    directory = server.root / "adapters" / "api"
+    loaded = httpx.post(f"{server.url}/v1/load_lora_adapter", headers=headers,
+                        json={"lora_name": "api", "lora_path": str(directory), "pinned": True})
+    assert loaded.status_code == 200, loaded.text
+    try:
+        written = json.loads((directory / "adapter_config.json").read_text())
+        cards = {c.id: c.model_extra for c in server.client().models.list().data}
+        for name in ("cli", "api"):
+            card = cards[name]
+            assert (card["lora"]["r"], card["lora"]["alpha"]) == (written["r"], written["lora_alpha"])
+            assert set(card["lora"]["target_modules"]) == set(written["target_modules"])
+            assert card["size_bytes"] == (server.root / "adapters" / name / "adapter_model.safetensors").stat().st_size
+        assert cards["api"]["pinned"] is True and cards["cli"]["pinned"] is False
+        assert "lora" not in cards[BASE] or cards[BASE]["lora"] is None
+    finally:
+        httpx.post(f"{server.url}/v1/unload_lora_adapter", headers=headers, json={"lora_name": "api"})
+
+
 def test_retrieve_gives_one_card_and_404_in_openais_shape(server):
     client = server.client()
     listed = {c.id: c for c in client.models.list().data}

@@ -579,6 +579,12 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class AdapterShape(BaseModel):
+    r: int | None
+    alpha: float | None
+    target_modules: list[str] | None
+
+
 class ModelCard(BaseModel):
     """vLLM's card: the base model's (and each alias's) has root = its weights' directory and
     max_model_len = its context; an adapter's has root = its directory (None while its job trains it)
@@ -592,6 +598,10 @@ class ModelCard(BaseModel):
     parent: str | None
     max_model_len: int | None
     resident: bool
+    # loramux's, on adapter cards only: pinned (never evicted), the LoRA shape, the weights' size
+    pinned: bool | None = None
+    lora: AdapterShape | None = None
+    size_bytes: int | None = None
 
 
 class ModelDeleted(BaseModel):

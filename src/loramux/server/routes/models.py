@@ -16,8 +16,12 @@ and adapters the server was given (--adapter, /v1/load_lora_adapter) are not del
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 from fastapi import APIRouter
+
+from loramux.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE
 
 from loramux.server.protocol import APIError, ErrorResponse, ModelCard, ModelDeleted, ModelList, error_responses
 from loramux.server.routes.context import Context, Ctx
@@ -28,14 +32,44 @@ router = APIRouter()
 async def cards(ctx: Context, checkpoints: bool = False) -> list[dict]:
     """Every model's card: the base model's served names first, then adapters by name; a job's
     checkpoint models ("ft:...:ckpt-step-N") only with `checkpoints`."""
-    loaded = set(await ctx.loop.call(lambda e: e.adapters.names()))
+    resident = await ctx.loop.call(lambda e: {n: lora_facts(e.adapters.get(n).config) for n in e.adapters.names()})
     catalog = {n: info for n, info in ctx.store.adapters().items() if checkpoints or info.get("source") != "checkpoint"}
-    loaded -= set(ctx.store.adapters()) - set(catalog)
+    loaded = set(resident) - (set(ctx.store.adapters()) - set(catalog))
     base = {"object": "model", "created": 0, "owned_by": "loramux", "root": str(ctx.engine.loaded.path), "parent": None,
             "max_model_len": ctx.engine.model.config.max_position_embeddings, "resident": True}
-    return [{"id": name, **base} for name in ctx.model_names] + [
-        {"id": n, "object": "model", "created": 0, "owned_by": "loramux", "root": catalog.get(n, {}).get("path"),
-         "parent": ctx.base_id, "max_model_len": None, "resident": n in loaded} for n in sorted(loaded | set(catalog))]
+    result = [{"id": name, **base} for name in ctx.model_names]
+    for n in sorted(loaded | set(catalog)):
+        info = catalog.get(n, {})
+        root = info.get("path")
+        on_disk = await asyncio.to_thread(disk_facts, root) if root else {"lora": None, "size_bytes": None}
+        result.append({"id": n, "object": "model", "created": 0, "owned_by": "loramux", "root": root, "parent": ctx.base_id,
+                      "max_model_len": None, "resident": n in loaded, "pinned": bool(info.get("pinned")),
+                      "lora": resident.get(n) or on_disk["lora"], "size_bytes": on_disk["size_bytes"]})
+    return result
+
+
+def lora_facts(config) -> dict:
+    """An adapter's LoRA shape as its card shows it: rank, alpha and target modules."""
+    return {"r": config.r, "alpha": config.alpha, "target_modules": list(config.target_modules)}
+
+
+def disk_facts(root: str) -> dict:
+    """What an adapter's directory says of it: its LoRA shape (adapter_config.json, PEFT's names)
+    and the size of its weights file; None where a file is missing or unreadable (a job still
+    training it has written neither)."""
+    directory = Path(root)
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        targets = config.get("target_modules")
+        lora = {"r": config.get("r"), "alpha": config.get("lora_alpha"),
+                "target_modules": [targets] if isinstance(targets, str) else targets}
+    except (OSError, ValueError):
+        lora = None
+    try:
+        size = (directory / WEIGHTS_FILE).stat().st_size
+    except OSError:
+        size = None
+    return {"lora": lora, "size_bytes": size}
 
 
 @router.get("/models", responses={200: {"model": ModelList}})

@@ -6,11 +6,15 @@ import { h, keepFocus, say } from "./dom.js";
 import { poll } from "./poll.js";
 import { models } from "./state.js";
 
-const SHOWN = new Set(["id", "object", "created", "owned_by", "parent", "resident", "root", "max_model_len"]);
+const SHOWN = new Set(["id", "object", "created", "owned_by", "parent", "resident", "root", "max_model_len", "pinned",
+  "lora", "size_bytes"]);
 
 function details(card) {
   const parts = [];
   if (card.max_model_len) parts.push(`context ${card.max_model_len} tokens`);
+  if (card.pinned) parts.push("pinned");
+  if (card.lora) parts.push(`rank ${card.lora.r}, alpha ${card.lora.alpha}, ${(card.lora.target_modules ?? []).join(", ")}`);
+  if (card.size_bytes != null) parts.push(`${(card.size_bytes / 2 ** 20).toFixed(1)} MiB`);
   if (card.root) parts.push(card.root);
   for (const [name, value] of Object.entries(card)) {
     if (!SHOWN.has(name) && value != null) parts.push(`${name.replaceAll("_", " ")}: ${typeof value === "object" ? JSON.stringify(value) : value}`);
