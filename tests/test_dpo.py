@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_hf, ours_from_hf
+from test_gradient_isolation import _saved_bytes
 from test_training import _assert_same_weights, _run, _weights
 
 from loramux import JobState, LoraConfig, SamplingParams, TrainingConfig
@@ -389,19 +390,9 @@ def test_reference_rows_and_other_adapters_get_no_gradient_and_save_nothing():
         loss, _ = DirectPreference(0.1).loss(torch.stack(policy + refs))
         return loss
 
-    saved = {}
-    for with_reference in (False, True):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = step(with_reference)
-        saved[with_reference] = total
-    loss.backward()
+    losses = {}
+    saved = {with_reference: _saved_bytes(lambda w=with_reference: losses.__setitem__(w, step(w))) for with_reference in (False, True)}
+    losses[True].backward()
     assert all(t.grad is not None for t in adapters["X"].parameters())
     assert all(t.grad is None for name in ("R", "Z") for t in adapters[name].parameters())
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
