@@ -6,7 +6,6 @@ touch it (the output so far stays, and so does the state that follows it).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import xgrammar as xgr
 
@@ -20,12 +19,13 @@ class Constraint:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.vocab_size = vocab_size
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # int32 [1, ceil(V / 32)], bit i of word j: token 32j + i
+        self._bits = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
         """bool [V]: True where the token may come next (end-of-sequence ids only once the output is complete)."""
         self.matcher.fill_next_token_bitmask(self._bitmask)
-        bits = np.unpackbits(self._bitmask.numpy().view(np.uint8), bitorder="little")[: self.vocab_size]
-        return torch.from_numpy(bits).bool()
+        bits = (self._bitmask[0].unsqueeze(-1) >> self._bits) & 1  # [words, 32]; >> keeps the sign, & 1 the bit
+        return bits.flatten()[: self.vocab_size].bool()
 
     def accept(self, token: int) -> None:
         """Follows the chosen token; ValueError if the grammar does not allow it (a bug: the mask did)."""
