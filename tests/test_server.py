@@ -91,7 +91,10 @@ def test_sampling_options_n_seed_logprobs(server):
     again = client.completions.create(model=BASE, prompt="Once upon a time", max_tokens=8, temperature=0.9, seed=5, n=3, logprobs=2)
     assert [c.text for c in r.choices] == [c.text for c in again.choices]
     assert all(len(c.logprobs.token_logprobs) == len(c.logprobs.tokens) == len(c.logprobs.top_logprobs) for c in r.choices)
-    assert all(len(top) <= 2 for c in r.choices for top in c.logprobs.top_logprobs)
+    # OpenAI: "the API will always return the logprob of the sampled token, so there may be up to
+    # logprobs+1 elements"; the sampled token's entry is always among them
+    assert all(len(top) <= 3 for c in r.choices for top in c.logprobs.top_logprobs)
+    assert all(tok in top for c in r.choices for tok, top in zip(c.logprobs.tokens, c.logprobs.top_logprobs))
     chat = client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=4,
                                           logprobs=True, top_logprobs=3, stop=["\n"], presence_penalty=0.5, frequency_penalty=0.5)
     assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in chat.choices[0].logprobs.content)
