@@ -35,6 +35,7 @@ SCHEMA_VALID_BUT_400 = ("/v1/completions", "/v1/chat/completions", "/v1/files", 
                         "/v1/fine_tuning/jobs/{job_id}/events", "/v1/fine_tuning/jobs/{job_id}/checkpoints", "/v1/load_lora_adapter",
                         "/tokenize", "/detokenize", "/v1/fine_tuning/jobs/{job_id}/pause", "/v1/fine_tuning/jobs/{job_id}/resume")
 UNLIKELY_TO_SUCCEED = ("POST /v1/files", "POST /v1/fine_tuning/jobs", "POST /v1/load_lora_adapter",
+                       "GET /v1/files", "GET /v1/fine_tuning/jobs",  # lists: a random cursor seldom is one of theirs
                        "GET /v1/fine_tuning/jobs/{job_id}/events", "GET /v1/fine_tuning/jobs/{job_id}/checkpoints",
                        "DELETE /v1/models/{model_id}",  # only the fine-tuned model may go, and only once
                        "POST /v1/fine_tuning/jobs/{job_id}/pause", "POST /v1/fine_tuning/jobs/{job_id}/resume")  # the job has finished
