@@ -60,11 +60,7 @@ def load_peft_adapter(
     if not weights_path.is_file():
         hint = " (adapter_model.bin is not read: re-save with safe_serialization=True)" if (directory / "adapter_model.bin").exists() else ""
         raise AdapterError(f"{directory}: {WEIGHTS_FILE} not found{hint}")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{config_path}: invalid JSON ({e})") from None
-    config = _config_from_peft(raw, directory)
+    config = read_peft_config(directory)
     weights = _weights_from_keys(load_file(weights_path), directory)
     modules = {m for _, m in weights}
     if not modules <= set(config.target_modules):
@@ -82,6 +78,17 @@ def load_peft_adapter(
     )
     adapter.check_fits(model)
     return adapter
+
+
+def read_peft_config(path: str | os.PathLike) -> LoraConfig:
+    """The LoRA config of a PEFT directory's adapter_config.json (target_modules as it says, before
+    the weights narrow them); OSError if unreadable, AdapterError if invalid or unsupported."""
+    config_path = Path(path) / CONFIG_FILE
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{config_path}: invalid JSON ({e})") from None
+    return _config_from_peft(raw, Path(path))
 
 
 def _config_from_peft(raw: dict, directory: Path) -> LoraConfig:

@@ -16,12 +16,12 @@ and adapters the server was given (--adapter, /v1/load_lora_adapter) are not del
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from fastapi import APIRouter
 
-from loramux.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE
+from loramux.lora.adapter import AdapterError
+from loramux.lora.peft_io import WEIGHTS_FILE, read_peft_config
 
 from loramux.server.protocol import APIError, ErrorResponse, ModelCard, ModelDeleted, ModelList, error_responses
 from loramux.server.routes.context import Context, Ctx
@@ -54,16 +54,13 @@ def lora_facts(config) -> dict:
 
 
 def disk_facts(root: str) -> dict:
-    """What an adapter's directory says of it: its LoRA shape (adapter_config.json, PEFT's names)
-    and the size of its weights file; None where a file is missing or unreadable (a job still
+    """What an adapter's directory says of it: its LoRA shape (adapter_config.json, read as the
+    loader reads it) and the size of its weights file; None where a file is missing or unreadable (a job still
     training it has written neither)."""
     directory = Path(root)
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        targets = config.get("target_modules")
-        lora = {"r": config.get("r"), "alpha": config.get("lora_alpha"),
-                "target_modules": [targets] if isinstance(targets, str) else targets}
-    except (OSError, ValueError):
+        lora = lora_facts(read_peft_config(directory))
+    except (OSError, AdapterError):
         lora = None
     try:
         size = (directory / WEIGHTS_FILE).stat().st_size
