@@ -271,7 +271,10 @@ def test_a_checkpoint_is_a_servable_model(live, files):
     job = wait(client, job.id)
     assert job.status == "succeeded", job
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
-    assert [c.step_number for c in checkpoints] == [3, 2, 1]
+    # newest first: the first (nothing in flight) and the final one always; step 2's is skipped when
+    # step 1's is still being written (a slow disk does not pile snapshots up, TrainingJob._checkpoint_due)
+    steps = [c.step_number for c in checkpoints]
+    assert steps in ([3, 2, 1], [3, 1]), steps
     first = checkpoints[-1].fine_tuned_model_checkpoint
     assert first == f"{job.fine_tuned_model}:ckpt-step-1"
     card = client.models.retrieve(first)
