@@ -135,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prefix_caching_option(serve)
     serve.add_argument("--max-adapters", type=int, default=0,
                        help="resident adapter limit; idle ones are evicted by LRU and reloaded on demand (0: none)")
+    cluster = serve.add_argument_group("cluster (Ray Serve; needs `pip install loramux[ray]`, see README, Cluster)")
+    cluster.add_argument("--replicas", type=int, default=0, metavar="N",
+                         help="serve from N engine replicas on a Ray cluster behind one endpoint (default: one process, no Ray)")
+    cluster.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="join this Ray cluster (e.g. auto, or HEAD_IP:6379) instead of starting a local one")
+    cluster.add_argument("--replica-cpus", type=float, default=None, metavar="C",
+                         help="CPUs Ray reserves for each replica (default: this machine's CPUs / N, at least 1)")
+    cluster.add_argument("--threads", type=int, default=None, metavar="T",
+                         help="torch threads in each replica (default: --replica-cpus rounded down, at least 1)")
+    cluster.add_argument("--max-ongoing-requests", type=int, default=None, metavar="M",
+                         help="requests one replica takes at once before others get its adapters' requests too (default: 32)")
     serve.set_defaults(run=_serve)
 
     demo = sub.add_parser("demo", help="a tour on the default model")
@@ -201,31 +212,29 @@ def _generate(args) -> int:
 def _serve(args) -> int:
     import logging
 
-    from loramux import Engine, EngineConfig, SchedulerConfig
-    from loramux.engine.engine import parse_dtype
-    from loramux.model.loader import load_model
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.replicas:
+        from loramux.cluster.launch import serve_cluster  # needs the loramux[ray] extra
+
+        return serve_cluster(args)
+    if args.ray_address or args.replica_cpus or args.threads or args.max_ongoing_requests:
+        given = [f"--{n.replace('_', '-')}" for n in ("ray_address", "replica_cpus", "threads", "max_ongoing_requests") if getattr(args, n)]
+        raise ValueError(f"{', '.join(given)} apply to a cluster only: add --replicas N")
     from loramux.lora.peft_io import load_peft_adapter
-    from loramux.server.app import Settings, create_app
+    from loramux.server.app import create_app
     from loramux.server.process import serve
+    from loramux.server.serve_options import given_adapter_record, serving_engine, serving_settings
     from loramux.server.store import DataDirLocked, Store
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = serving_settings(args)
     try:
         store = Store(args.data_dir)
     except DataDirLocked as e:
         raise ValueError(str(e)) from None
-    scheduler = SchedulerConfig(max_waiting=args.max_waiting, enable_prefix_caching=args.enable_prefix_caching)
-    engine = Engine(load_model(args.model, cache=args.cache_dir, dtype=parse_dtype(args.dtype)),
-                    EngineConfig(kv_cache_memory=args.kv_cache_mb * 2**20, scheduler=scheduler))
-    for name, path in args.adapter:  # into the catalog: evictable, reloaded on demand, kept across restarts
-        if name in args.served_model_name:
-            raise ValueError(f"--adapter {name}: the name is one of --served-model-name's")
+    engine = serving_engine(args)
+    for name, path in args.adapter:
         load_peft_adapter(path, engine.model.config, name)  # refuse a bad one now, with its reason
-        store.put_adapter(name, {"path": str(Path(path).resolve()), "source": "--adapter", "pinned": False})
-    settings = Settings(api_key=args.api_key or os.environ.get("LORAMUX_API_KEY"), allowed_adapter_dirs=tuple(args.allow_adapter_dir),
-                        max_body_bytes=int(args.max_body_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),
-                        max_resident_adapters=args.max_adapters, served_model_names=tuple(args.served_model_name),
-                        tool_call_parser=args.tool_call_parser)
+        store.put_adapter(name, given_adapter_record(path))
     app = create_app(engine, store, settings)
     print(f"loramux serving {app.state.context.base_id} on http://{args.host}:{args.port}/v1 (data in {store.root})", flush=True)
     return serve(app, args.host, args.port)

@@ -182,12 +182,35 @@ class JobService:
             except Exception as e:  # a missing or broken adapter must not keep the server down
                 log.error("adapter %s from the catalog could not be loaded: %s", name, e)
         for record in self.store.jobs_with_status(*UNFINISHED):
-            try:
-                self._start(record)
-            except Exception as e:
-                log.error("job %s could not be restarted: %s", record["id"], e)
-                self._fail(record, f"could not resume after restart: {e}")
-        self.sync()  # their events so far (a paused job takes no step that would sync them)
+            self.restart(record)
+
+    def restart(self, record: dict) -> None:
+        """Engine thread: recreates an unfinished job from its record; it resumes from its latest
+        checkpoint (after a restart, or in a cluster on a replica that adopts it); a job that cannot
+        be recreated fails with the reason."""
+        try:
+            self._start(record)
+        except Exception as e:
+            log.error("job %s could not be restarted: %s", record["id"], e)
+            self._fail(record, f"could not resume after restart: {e}")
+        self.sync()  # its events so far (a paused job takes no step that would sync them)
+
+    def training(self) -> dict[str, str]:
+        """Engine thread: the live jobs' ids, each with the adapter it trains."""
+        return {job_id: live.record["adapter_name"] for job_id, live in self._live.items()}
+
+    def forget(self, job_id: str) -> None:
+        """Engine thread, in a cluster: stops a job this replica no longer holds (another replica
+        adopted it while this one was taken for dead), writing nothing to its record, and drops
+        its adapter."""
+        live = self._live.pop(job_id, None)
+        if live is None:
+            return
+        live.job.cancel()
+        try:
+            self.engine.unload_adapter(live.record["adapter_name"])
+        except (LookupError, ValueError) as e:
+            log.warning("adapter %s of job %s stays loaded: %s", live.record["adapter_name"], job_id, e)
 
     def sync(self) -> None:
         """Mirrors the live jobs into the store (engine thread, after every step); a job that

@@ -26,6 +26,7 @@ class ResidentAdapters:
     def __init__(self, engine: Engine, store: Store, max_resident: int = 0) -> None:
         self.engine, self.store, self.max_resident = engine, store, max_resident
         self.last_used: dict[str, float] = {}
+        self.added_at: dict[str, float] = {}  # when each adapter was registered (time.monotonic)
         self._reserved: Counter[str] = Counter()  # engine thread only
 
     def known(self, name: str) -> bool:
@@ -69,6 +70,21 @@ class ResidentAdapters:
         adapter = self.engine.read_adapter(name, path)
         self.make_room(1)
         self.engine.adapters.add(adapter)
+        self.added_at[name] = time.monotonic()
+
+    def retain_cataloged(self, grace_seconds: float) -> list[str]:
+        """Engine thread, in a cluster: unregisters the idle resident adapters that are no longer in
+        the catalog (unloaded or deleted through another replica) and returns their names. An
+        adapter registered within `grace_seconds` is kept: the route that loaded it may not have
+        written it to the catalog yet."""
+        catalog, busy, now = self.store.adapters(), self._in_use(), time.monotonic()
+        gone = [n for n in self.engine.adapters.names()
+                if n not in catalog and n not in busy and now - self.added_at.get(n, 0.0) >= grace_seconds]
+        for name in gone:
+            self.engine.adapters.remove(name)
+            self.last_used.pop(name, None)
+            self.added_at.pop(name, None)
+        return gone
 
     def make_room(self, extra: int) -> None:
         """Evicts idle adapters until `extra` more fit under the limit (engine thread)."""
