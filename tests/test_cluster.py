@@ -167,6 +167,7 @@ def test_a_job_trains_on_one_replica_and_the_other_serves_its_result(cluster):
         results = list(pool.map(lambda i: complete(cluster, job.fine_tuned_model, PROMPTS[0], max_tokens=32), range(6)))
     assert {replica for _, replica in results} == {r["id"] for r in replicas(cluster)} and trainer in {r for _, r in results}
     assert len({text for text, _ in results}) == 1  # the same weights on both
+    cluster.finetuned = (job.fine_tuned_model, results[0][0])
 
 
 def test_a_killed_training_replica_is_replaced_and_its_job_resumes_elsewhere(cluster):
@@ -199,11 +200,31 @@ def test_a_killed_training_replica_is_replaced_and_its_job_resumes_elsewhere(clu
     assert complete(cluster, job.fine_tuned_model, PROMPTS[0])[0]
 
 
-def test_stopping_leaves_no_process_behind(cluster):
-    service = psutil.Process(cluster.proc.pid)
+def stop_leaving_nothing(server) -> None:
+    service = psutil.Process(server.proc.pid)
     processes = [service, *service.children(recursive=True)]
     assert len(processes) > 4  # the ingress, two replicas, the coordinator, Ray's own
-    cluster.stop()
-    assert cluster.proc.returncode == 0
+    server.stop()
+    assert server.proc.returncode == 0
     gone, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive, [(p.pid, p.name()) for p in alive]
+
+
+def test_a_restart_recovers_the_catalog_and_the_unfinished_jobs(cluster):
+    client = cluster.client()
+    job = client.fine_tuning.jobs.create(model=MODEL, training_file=upload(cluster), suffix="c3",
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1}, extra_body={"training": {"max_steps": 200}})
+    assert client.fine_tuning.jobs.pause(job.id).status == "paused"  # reaches the replica that holds it
+    stop_leaving_nothing(cluster)
+    again = Server(cluster.data_dir, *cluster.args)
+    try:
+        client = again.client()
+        # the paused job is adopted by a replica, still paused, and resumes there
+        wait_for(lambda: any(job.id in r["jobs"] for r in replicas(again)), 60, "a replica to adopt the paused job")
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+        assert client.fine_tuning.jobs.resume(job.id).status == "running"
+        assert finished(again, job.id).status == "succeeded"
+        model, text = cluster.finetuned  # fine-tuned before the restart: the same answer
+        assert complete(again, model, PROMPTS[0], max_tokens=32)[0] == text
+    finally:
+        stop_leaving_nothing(again)
