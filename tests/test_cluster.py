@@ -46,6 +46,7 @@ def cluster(tmp_path_factory):
                                      generator=torch.Generator().manual_seed(seed), init_b="random")
         adapters[name] = save_peft_adapter(adapter, root / "adapters" / name)
     srv = Server(root / "data", "--replicas", "2", "--model", str(model), "--api-key", KEY, "--max-ongoing-requests", "2",
+                 "--allow-adapter-dir", str(root / "adapters"),
                  *[a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")])
     srv.model_dir, srv.adapters = model, adapters
     yield srv
@@ -144,6 +145,19 @@ def test_a_client_that_disconnects_aborts_its_request(cluster):
         next(r.iter_lines())  # it runs; then the client goes away
     wait_for(lambda: aborted(cluster, "beta") == before + 1, 60, "the request to be aborted")
     wait_for(lambda: all(r["running"] == 0 for r in replicas(cluster)), 60, "no request running")
+
+
+def test_unload_and_load_act_on_every_replica(cluster, reference):
+    assert all("alpha" in r["resident"] for r in replicas(cluster))  # the spill test put it on both
+    r = httpx.post(f"{cluster.url}/v1/unload_lora_adapter", headers=HEADERS, json={"lora_name": "alpha"})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: not any("alpha" in r["resident"] for r in replicas(cluster)), 60, "every replica to drop alpha")
+    r = httpx.post(f"{cluster.url}/v1/completions", headers=HEADERS, json={"model": "alpha", "prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(f"{cluster.url}/v1/load_lora_adapter", headers=HEADERS,
+                   json={"lora_name": "alpha", "lora_path": str(cluster.adapters["alpha"])})
+    assert r.status_code == 200, r.text
+    assert complete(cluster, "alpha", PROMPTS[1])[0] == reference("alpha")[1]
 
 
 def upload(cluster) -> str:
