@@ -190,7 +190,7 @@ def run_loramux(scenario: str) -> dict:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    engine = Engine.load()
+    engine = Engine.load(dtype="float32")
     phases = {"load_s": time.perf_counter() - t0, "loaded_rss_mb": _rss_bytes() / MB}
     t0 = time.perf_counter()
     model, kv = engine.model, engine.kv

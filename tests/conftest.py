@@ -60,7 +60,7 @@ def default_engine():
     """The real default model (SmolLM2-135M-Instruct), fp32, loaded once per test session."""
     from loramux import Engine
 
-    return Engine.load()
+    return Engine.load(dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ def test_json_greedy_matches_transformers_peft_in_a_mixed_batch(default_engine, 
     """Prompts for the adapter and for the base model share one batch; each prompt's token ids equal
     transformers + PEFT greedy generation for that prompt alone."""
     uses = ["peft", "base", "peft"]
-    args = ["generate", "--json", "--chat", "--max-tokens", "20", "--adapter", f"peft={peft_adapter_dir}"]
+    args = ["generate", "--dtype", "float32", "--json", "--chat", "--max-tokens", "20", "--adapter", f"peft={peft_adapter_dir}"]
     for prompt, use in zip(PROMPTS, uses):
         args += ["--prompt", prompt, "--use", use]
     result = _cli(*args)

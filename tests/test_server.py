@@ -43,7 +43,8 @@ def adapter_dirs(tmp_path_factory) -> dict[str, Path]:
 def server(tmp_path_factory, adapter_dirs):
     data = tmp_path_factory.mktemp("server") / "data"
     allowed = next(iter(adapter_dirs.values())).parent
-    srv = Server(data, "--api-key", KEY, "--allow-adapter-dir", str(allowed),
+    # float32, as the library's engine it is compared with (the default, auto, may be bf16 here)
+    srv = Server(data, "--dtype", "float32", "--api-key", KEY, "--allow-adapter-dir", str(allowed),
                  *[a for name, path in adapter_dirs.items() for a in ("--adapter", f"{name}={path}")])
     yield srv
     srv.stop()

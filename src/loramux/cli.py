@@ -16,10 +16,13 @@ from pathlib import Path
 
 from loramux.bench.command import add_bench_parser
 from loramux.config import CACHE_ENV
+from loramux.model.dtype import AUTO, NAMED
 from loramux.server.tool_parsers import DEFAULT_TOOL_PARSER, TOOL_PARSERS
 from loramux.training.config import METHODS, TrainingConfig
 
 BASE = "base"  # --use value meaning "no adapter"
+DTYPE_HELP = ("auto: the model's own dtype where this CPU computes it fast (bfloat16 for a bf16, f16 or quantized "
+              "model on a CPU with AVX512-BF16 or AMX), float32 otherwise; the choice is logged at start")
 
 
 def _adapter_spec(value: str) -> tuple[str, str]:
@@ -29,10 +32,13 @@ def _adapter_spec(value: str) -> tuple[str, str]:
     return name, path
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, dtype: str = AUTO, auto: bool = True) -> None:
+    """--model, --cache-dir and --dtype, whose default is `dtype`. auto=False leaves auto out, for a
+    run that must name its dtype (`loramux bench`: its peers run in the same one)."""
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--cache-dir", default=None, help="where converted models and compiled kernels are kept (env LORAMUX_CACHE_DIR)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default=dtype, choices=[AUTO, *NAMED] if auto else list(NAMED),
+                   help=f"{DTYPE_HELP if auto else 'the dtype of loramux and its peers'} (default: {dtype})")
 
 
 def _add_prefix_caching_option(p: argparse.ArgumentParser) -> None:
@@ -64,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     ft = sub.add_parser("finetune", help="fine-tune a LoRA adapter on a JSONL file, with live progress")
-    _add_model_options(ft)
+    _add_model_options(ft, dtype="float32")  # a fine-tuning run's numbers stay float32's unless asked otherwise
     ft.set_defaults(dtype=None)  # float32 for local runs (`_engine`); None tells a --server run it was not given
     ft.add_argument("--data", required=True, help="training JSONL: {prompt, completion} or {messages: [...]} per line; "
                     "for --method dpo, {input: {messages}, preferred_output, non_preferred_output}")
@@ -408,7 +414,8 @@ def _demo(args) -> int:
     say = lambda s="": print(s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     engine = _engine(args)
-    say(f"Loaded {engine.model_name} ({engine.model.config.num_parameters() / 1e6:.0f}M parameters, {args.dtype}) "
+    say(f"Loaded {engine.model_name} ({engine.model.config.num_parameters() / 1e6:.0f}M parameters, "
+        f"{str(engine.model.dtype).removeprefix('torch.')}) "
         f"in {time.perf_counter() - t0:.1f}s from {engine.loaded.path}")
     for i, name in enumerate(("poet", "coder")):
         engine.create_adapter(name, LoraConfig(r=16, alpha=32, target_modules="all-linear"), seed=i, init_b="random")

@@ -41,7 +41,7 @@ def add_bench_parser(sub, add_model_options) -> None:
                            description="Runs one setting on this machine and writes report.json, report.md and PNG "
                                        "plots into --out.")
     bench.add_argument("setting", choices=SETTINGS + (STRUCTURED,))
-    add_model_options(bench)
+    add_model_options(bench, dtype="float32", auto=False)
     bench.add_argument("--out", default=None, help="output directory (default: bench-results/SETTING-TIMESTAMP)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes (a minute or two): checks the harness, not speed")
     bench.add_argument("--repeats", type=int, default=3, help="structured: passes of each mode, alternating (the best is kept)")

@@ -72,7 +72,7 @@ def _run_loramux(o: BenchOptions, num_adapters: int, records: list[dict]) -> dic
 
 def _run_peft(o: BenchOptions, num_adapters: int, records: list[dict]) -> dict:
     from loramux.bench.peft_peer import PeftTrainer, load_peft
-    from loramux.engine.engine import parse_dtype
+    from loramux.model.dtype import parse_dtype
     from loramux.model.loader import load_tokenizer, resolve_model_dir
     from loramux.training.data import parse_jsonl, tokenize
 

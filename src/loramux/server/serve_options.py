@@ -13,11 +13,10 @@ from loramux.server.routes.context import Settings
 def serving_engine(args: Namespace) -> Engine:
     """Loads the model (on the calling thread, which should be the one that runs the engine's steps)."""
     from loramux import EngineConfig, SchedulerConfig
-    from loramux.engine.engine import parse_dtype
     from loramux.model.loader import load_model
 
     scheduler = SchedulerConfig(max_waiting=args.max_waiting, enable_prefix_caching=args.enable_prefix_caching)
-    return Engine(load_model(args.model, cache=args.cache_dir, dtype=parse_dtype(args.dtype)),
+    return Engine(load_model(args.model, cache=args.cache_dir, dtype=args.dtype),
                   EngineConfig(kv_cache_memory=args.kv_cache_mb * 2**20, scheduler=scheduler))
 
 
