@@ -72,11 +72,14 @@ PROMPT_LOGPROB_ROWS = 128
 class EngineConfig:
     """kv_cache_memory: bytes for the paged KV pool (its block count follows). block_size: tokens per block.
     prepack_weights: bf16 models on CPU keep a pre-packed copy of the base weights for inference
-    rows (lora/prepacked.py): faster decode steps, for that much more memory."""
+    rows (lora/prepacked.py): faster decode steps, for that much more memory.
+    merge_parts: a step with training and inference rows runs each base GEMM once for both parts
+    (model/llama.py); off, once per part (the benchmark's comparison)."""
 
     kv_cache_memory: int = 512 * 2**20
     block_size: int = 16
     prepack_weights: bool = True
+    merge_parts: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
@@ -120,6 +123,7 @@ class Engine:
         self.loaded = loaded
         self.model = loaded.model
         self.model.prepack_weights(self.config.prepack_weights)
+        self.model.merge_parts = self.config.merge_parts
         self.tokenizer = loaded.tokenizer
         self.adapters = AdapterRegistry(self.model)
         self.kv = PagedKVCache.from_memory(

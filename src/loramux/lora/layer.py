@@ -129,14 +129,28 @@ class FusedLoraLinear(nn.Module):
             self._tiles = key, self.stacked(generations).tiles(segments, dtype)
         return self._tiles[1]
 
-    def forward(self, x: torch.Tensor, segments: LoraSegments, builds_graph: bool, generations: AdapterGenerations) -> torch.Tensor:
+    def base_parts(self, xs: Sequence[torch.Tensor], builds_graph: Sequence[bool]) -> list[torch.Tensor]:
+        """Each part's x @ W.T (+ b), from one GEMM over all their rows: a step with training and
+        inference rows reads W once instead of once per part (the paper's merged computation flow).
+        The GEMM builds no graph (so bf16 rows of every part take the pre-packed weights); a
+        graph-building part gets its rows as a copy that autograd joins to its x (W is frozen: x's
+        gradient is grad @ W), so what its backward keeps never holds another part's rows."""
+        with torch.no_grad():
+            y = self.base(torch.cat([x.detach() for x in xs]), self.weight, self.bias)
+        outs = y.split([x.shape[0] for x in xs])
+        with torch.enable_grad():  # whatever the caller's mode (the engine steps under no_grad)
+            return [_FrozenBase.apply(x, self.weight, out) if graph else out for x, out, graph in zip(xs, outs, builds_graph)]
+
+    def forward(self, x: torch.Tensor, segments: LoraSegments, builds_graph: bool, generations: AdapterGenerations,
+                base: torch.Tensor | None = None) -> torch.Tensor:
         """x: [T, in] -> y [T, out_features].
 
         builds_graph: rows of adapters being trained; deltas are built from the adapters' own A and
         B so that autograd reaches them (with dropout). `generations` tells which slots' weights
-        changed since the stacked copy was made (lora/generations.py).
+        changed since the stacked copy was made (lora/generations.py). base: x @ W.T (+ b) if
+        already computed (`base_parts`); the adapters' deltas are added to it.
         """
-        y = self.base(x, self.weight, self.bias)
+        y = self.base(x, self.weight, self.bias) if base is None else base
         if self._slots.isdisjoint(segments.slots):
             return y
         if builds_graph or torch.is_grad_enabled():
@@ -148,6 +162,21 @@ class FusedLoraLinear(nn.Module):
                 return add_lora_native(y, x, segments, tiles.A, tiles.B, tiles.blocks)
             return add_lora_tiled(y, x, segments, tiles)
         return add_lora_stacked(y, x, segments, self.stacked(generations), self._slots)
+
+
+class _FrozenBase(torch.autograd.Function):
+    """`out` (x @ W.T + b, computed without autograd) as a function of x: backward gives grad @ W,
+    as F.linear's does for a frozen W, and keeps only W."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None, None
 
 
 class MultiLoraLinear(FusedLoraLinear):

@@ -8,13 +8,15 @@ separately. Adapters see each projection under its PEFT name through `LlamaModel
 All base weights are frozen.
 
 `forward(batch)` runs each part of the batch under its own grad mode (the TRAIN part with autograd,
-the other part without) and returns the final hidden states of all rows; `logits(hidden)` projects
-only the rows the caller needs.
+the other part without), the parts side by side through the layers, so that each linear's base GEMM
+runs once for both (`merge_parts`); it returns the final hidden states of all rows, and
+`logits(hidden)` projects only the rows the caller needs.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +61,46 @@ class StepContext:
                  generations: AdapterGenerations) -> None:
         self.part, self.kv, self.cos, self.sin, self.generations = part, kv, cos, sin, generations
 
-    def linear(self, layer: MultiLoraLinear, x: torch.Tensor) -> torch.Tensor:
-        return layer(x, self.part.lora, self.part.builds_graph, self.generations)
+
+Parts = Sequence[StepContext]  # one per part of the step, in the batch's order (graph-building first)
+
+
+def each(ctxs: Parts, fn: Callable[..., torch.Tensor], *per_part: Sequence) -> list:
+    """[fn(ctx, *items) for each part], each call under its part's grad mode (whatever the caller's)."""
+    out = []
+    for ctx, *items in zip(ctxs, *per_part):
+        with torch.set_grad_enabled(ctx.part.builds_graph):
+            out.append(fn(ctx, *items))
+    return out
+
+
+# A graph-building part merges its base GEMMs with the other part's only with at least this many
+# rows. fp32 GEMMs (MKL, torch 2.13) compute each row the same whatever the row count only from 12
+# rows on (with 9 to 11 a row's result depends on how many rows follow it), so a trained adapter's
+# weights stay bitwise the same whether requests share its steps or not (tests/test_training.py);
+# 16 leaves a margin for other CPUs' kernels.
+MERGE_MIN_GRAPH_ROWS = 16
+
+
+def linear(layer: FusedLoraLinear, xs: Sequence[torch.Tensor], ctxs: Parts, merge: bool) -> list[torch.Tensor]:
+    """Each part's layer(x): with `merge`, more than one part and enough graph-building rows, the
+    base GEMM runs once over all their rows (FusedLoraLinear.base_parts), each part's adapters on
+    its own rows."""
+    merge = merge and len(xs) > 1 and all(x.shape[0] >= MERGE_MIN_GRAPH_ROWS for x, c in zip(xs, ctxs) if c.part.builds_graph)
+    bases = layer.base_parts(xs, [c.part.builds_graph for c in ctxs]) if merge else [None] * len(xs)
+    return each(ctxs, lambda ctx, x, base: layer(x, ctx.part.lora, ctx.part.builds_graph, ctx.generations, base), xs, bases)
+
+
+@contextmanager
+def recomputed_parts(ctxs: Parts, tensors: Sequence[torch.Tensor], recomputes: Sequence[Callable[[], torch.Tensor] | None]) -> Iterator[None]:
+    """`recomputed(tensor, recompute)` (model/recompute.py) for each graph-building part's tensor,
+    entered in turn, so each part's hooks pass the other's tensors on to the hooks around them."""
+    with ExitStack() as stack:
+        for ctx, tensor, recompute in zip(ctxs, tensors, recomputes):
+            if ctx.part.builds_graph and recompute is not None:
+                with torch.enable_grad():
+                    stack.enter_context(recomputed(tensor, recompute))
+        yield
 
 
 def keep_hf_names(parent: nn.Module, fused: str) -> None:
@@ -97,9 +137,19 @@ class Attention(nn.Module):
         self.o_proj = MultiLoraLinear(q, h, config.o_bias, "o_proj", layer_idx)
         keep_hf_names(self, "qkv_proj")
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        T, H, KV = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = ctx.linear(self.qkv_proj, x).view(T, H + 2 * KV, self.head_dim)  # heads of q, then k, then v
+    def forward(self, xs: Sequence[torch.Tensor], ctxs: Parts, merge: bool) -> list[torch.Tensor]:
+        qkvs = linear(self.qkv_proj, xs, ctxs, merge)
+        attended = each(ctxs, self._attend, qkvs)
+        outs = [out for out, _ in attended]
+        # the pieces are kept for attention's backward anyway: o_proj's adapters get their copy again
+        with recomputed_parts(ctxs, outs, [gathered for _, gathered in attended]):
+            return linear(self.o_proj, outs, ctxs, merge)
+
+    def _attend(self, ctx: StepContext, qkv: torch.Tensor) -> tuple[torch.Tensor, Callable[[], torch.Tensor] | None]:
+        """One part's attention: qkv [T, q + 2 kv] -> (o_proj's input [T, q], a function that makes
+        it again from what attention's backward keeps, or None for a pure decode part)."""
+        T, H, KV = qkv.shape[0], self.num_heads, self.num_kv_heads
+        qkv = qkv.view(T, H + 2 * KV, self.head_dim)  # heads of q, then k, then v
         qk = apply_rotary(qkv[:, : H + KV], ctx.cos, ctx.sin)  # q and k heads rotated in one go
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         plan = ctx.part.attention
@@ -107,8 +157,8 @@ class Attention(nn.Module):
             ctx.kv.write(self.layer_idx, plan.write_slots, k, v)
         elif plan.write_rows.numel():
             ctx.kv.write(self.layer_idx, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
-        if plan.decodes_all_rows:  # a pure decode step: no scatter into a separate output
-            return ctx.linear(self.o_proj, self._decode(q, ctx).reshape(T, -1))
+        if plan.decodes_all_rows:  # a pure decode part: no scatter into a separate output
+            return self._decode(q, ctx).reshape(T, -1), None
         pieces = []  # (rows, their attention output [rows, heads, D])
         if plan.decode_rows.numel():
             pieces.append((plan.decode_rows, self._decode(q[plan.decode_rows], ctx)))
@@ -126,10 +176,7 @@ class Attention(nn.Module):
                 out[rows] = piece
             return out.reshape(T, -1)
 
-        # the pieces are kept for attention's backward anyway: o_proj's adapters get their copy again
-        out = gathered()
-        with recomputed(out, gathered):
-            return ctx.linear(self.o_proj, out)
+        return gathered(), gathered
 
     def _decode(self, q: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """q [B, heads, D] of the decode rows -> [B, heads, D], each over its sequence's cached
@@ -164,11 +211,12 @@ class MLP(nn.Module):
         self.down_proj = MultiLoraLinear(i, h, b, "down_proj", layer_idx)
         keep_hf_names(self, "gate_up_proj")
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(ctx.linear(self.gate_up_proj, x))
-        hidden = SiluAndMul.apply(gate, up) if torch.is_grad_enabled() else F.silu(gate) * up
-        with recomputed(hidden, lambda: F.silu(gate) * up):  # gate and up are kept for SiluAndMul
-            return ctx.linear(self.down_proj, hidden)
+    def forward(self, xs: Sequence[torch.Tensor], ctxs: Parts, merge: bool) -> list[torch.Tensor]:
+        gate_ups = each(ctxs, lambda ctx, y: self.gate_up_proj.split(y), linear(self.gate_up_proj, xs, ctxs, merge))
+        hidden = each(ctxs, lambda ctx, gu: SiluAndMul.apply(*gu) if torch.is_grad_enabled() else F.silu(gu[0]) * gu[1], gate_ups)
+        # gate and up are kept for SiluAndMul
+        with recomputed_parts(ctxs, hidden, [lambda gate=gate, up=up: F.silu(gate) * up for gate, up in gate_ups]):
+            return linear(self.down_proj, hidden, ctxs, merge)
 
 
 class SiluAndMul(torch.autograd.Function):
@@ -197,17 +245,20 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer_idx)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + _after_norm(self.input_layernorm, x, lambda normed: self.self_attn(normed, ctx))
-        return x + _after_norm(self.post_attention_layernorm, x, lambda normed: self.mlp(normed, ctx))
+    def forward(self, xs: Sequence[torch.Tensor], ctxs: Parts, merge: bool) -> list[torch.Tensor]:
+        attended = _after_norm(self.input_layernorm, xs, ctxs, lambda normed: self.self_attn(normed, ctxs, merge))
+        xs = each(ctxs, lambda ctx, x, a: x + a, xs, attended)
+        mlp = _after_norm(self.post_attention_layernorm, xs, ctxs, lambda normed: self.mlp(normed, ctxs, merge))
+        return each(ctxs, lambda ctx, x, m: x + m, xs, mlp)
 
 
-def _after_norm(norm: RMSNorm, x: torch.Tensor, block: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """block(norm(x)); backward makes norm(x) again from x (which the norm's backward keeps anyway)
-    instead of keeping it for the adapters' gradients."""
-    normed = norm(x)
+def _after_norm(norm: RMSNorm, xs: Sequence[torch.Tensor], ctxs: Parts,
+                block: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """block([norm(x) of each part]); backward makes norm(x) again from x (which the norm's backward
+    keeps anyway) instead of keeping it for the adapters' gradients."""
+    normed = each(ctxs, lambda ctx, x: norm(x), xs)
     # backward runs without autograd: `reference` keeps it on the path the forward took
-    with recomputed(normed, lambda: norm.reference(x)):
+    with recomputed_parts(ctxs, normed, [lambda x=x: norm.reference(x) for x in xs]):
         return block(normed)
 
 
@@ -232,6 +283,8 @@ class LlamaModel(nn.Module):
         self.requires_grad_(False)
         self.adapter_generations = AdapterGenerations()
         self._lm_head = FrozenLinear()
+        # a step's parts share each base GEMM (FusedLoraLinear.base_parts); off: one GEMM per part
+        self.merge_parts = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -251,20 +304,16 @@ class LlamaModel(nn.Module):
         raise KeyError(f"no linear named {name!r}; linears: {', '.join(LORA_TARGETS)}")
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Returns the final-normed hidden states [num_rows, hidden] of all rows of the batch."""
-        hidden = [self._forward_part(part, batch.kv) for part in batch.parts]
+        """Returns the final-normed hidden states [num_rows, hidden] of all rows of the batch. Each
+        part runs under its own grad mode, whatever the caller's (not inference_mode, though)."""
+        ctxs = [StepContext(part, batch.kv, *rotary_tables(part.positions, self.inv_freq, self.dtype), self.adapter_generations)
+                for part in batch.parts]
+        xs = each(ctxs, lambda ctx: self.model.embed_tokens(ctx.part.input_ids))
+        for layer in self.model.layers:
+            xs = layer(xs, ctxs, self.merge_parts)
+        hidden = each(ctxs, lambda ctx, x: self.model.norm(x), xs)
         with torch.set_grad_enabled(any(p.builds_graph for p in batch.parts)):
             return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
-
-    def _forward_part(self, part: BatchPart, kv: PagedKVCache | None) -> torch.Tensor:
-        # The part's kind decides, whatever the caller's grad mode (not inference_mode, though).
-        with torch.set_grad_enabled(part.builds_graph):
-            cos, sin = rotary_tables(part.positions, self.inv_freq, self.dtype)
-            ctx = StepContext(part, kv, cos, sin, self.adapter_generations)
-            x = self.model.embed_tokens(part.input_ids)
-            for layer in self.model.layers:
-                x = layer(x, ctx)
-            return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""
