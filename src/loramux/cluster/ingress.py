@@ -6,8 +6,10 @@ Where a request goes (the router, router.py, picks among the candidates):
 - completions, chat completions, /tokenize and /detokenize: by the body's `model`;
 - a new fine-tuning job: the live replica that runs the fewest (the coordinator's `placement`);
 - a job's cancel, pause and resume: the replica that holds it (the coordinator's `owner`), else any;
-- anything else (files, jobs' records, models, the console, /health, /v1/loramux/stats): any
-  replica, all of them reading the same catalog through the coordinator.
+- the console's serving series (/v1/loramux/stats): the oldest live replica's, so that its charts
+  follow one engine;
+- anything else (files, jobs' records, models, the console's pages, /health): any replica, all of
+  them reading the same catalog through the coordinator.
 Two routes are the ingress's own: `GET /cluster` (behind the API key) lists the live replicas, and
 `/metrics` joins every replica's, each sample labelled with its replica.
 
@@ -138,6 +140,9 @@ class Ingress:
             return None, await self.coordinator.placement.remote()
         if request.method == "POST" and (match := JOB_CONTROL.match(path)):
             return None, await self.coordinator.owner.remote(match.group(1))
+        if path == "/v1/loramux/stats":  # one replica's series, the same one from poll to poll
+            live = await self.coordinator.cluster.remote()
+            return None, live[0]["id"] if live else None
         return None, None
 
     async def _collect(self, request: dict, target: str) -> tuple[int, list, bytes]:
