@@ -95,6 +95,9 @@ def test_cluster_lists_its_replicas_behind_the_api_key(cluster):
     live = wait_for(lambda: len(replicas(cluster)) == 2 and replicas(cluster), 60, "two replicas")
     assert len({r["id"] for r in live}) == 2 and all(psutil.pid_exists(r["pid"]) for r in live)
     assert all(r["base"] == [MODEL] and r["running"] == 0 and r["jobs"] == [] for r in live)
+    for _ in range(3):  # the console's serving series: one replica's, the oldest live one
+        stats = httpx.get(f"{cluster.url}/v1/loramux/stats", headers=HEADERS, timeout=30)
+        assert stats.status_code == 200 and stats.headers["x-loramux-replica"] == live[0]["id"]
 
 
 def test_greedy_answers_equal_one_engines_and_each_adapter_stays_on_one_replica(cluster, reference):
