@@ -297,6 +297,9 @@ def test_a_paused_dpo_job_from_a_fine_tuned_model_survives_a_restart(live, files
     job = client.fine_tuning.jobs.create(model=sft_model, training_file=files["dpo"], metadata={"k": "v"},
                                          method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.3, "batch_size": 1}}},
                                          extra_body={"training": {"max_steps": 60, "checkpoint_every": 1}})
+    # paused once it has a checkpoint: after the restart it is recreated from it, however fast it ran
+    while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        time.sleep(0.05)
     assert client.fine_tuning.jobs.pause(job.id).status == "paused"
     with pytest.raises(openai.ConflictError):  # its reference stays
         client.models.delete(sft_model)
