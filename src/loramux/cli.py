@@ -223,8 +223,9 @@ def _serve(args) -> int:
         from loramux.cluster.launch import serve_cluster  # needs the loramux[ray] extra
 
         return serve_cluster(args)
-    if args.ray_address or args.replica_cpus or args.threads or args.max_ongoing_requests:
-        given = [f"--{n.replace('_', '-')}" for n in ("ray_address", "replica_cpus", "threads", "max_ongoing_requests") if getattr(args, n)]
+    given = [f"--{n.replace('_', '-')}" for n in ("ray_address", "replica_cpus", "threads", "max_ongoing_requests")
+             if getattr(args, n) is not None]
+    if given:
         raise ValueError(f"{', '.join(given)} apply to a cluster only: add --replicas N")
     from loramux.lora.peft_io import load_peft_adapter
     from loramux.server.app import create_app

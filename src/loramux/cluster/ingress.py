@@ -42,8 +42,13 @@ RETRYABLE = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError
 DIRECTED_TIMEOUT = 30.0  # seconds a request for one replica waits for it (it may have just died)
 
 
+def _answer(error: APIError) -> JSONResponse:
+    """An error the ingress answers itself, in OpenAI's shape."""
+    return JSONResponse(error.body(), status_code=error.status, headers={REPLICA_HEADER: "ingress"})
+
+
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse(APIError(status, message, code=code).body(), status_code=status, headers={REPLICA_HEADER: "ingress"})
+    return _answer(APIError(status, message, code=code))
 
 
 def _request_of(request: Request, body: bytes) -> dict:
@@ -154,6 +159,6 @@ class Ingress:
         try:
             check_api_key(request, self.api_key)
         except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status, headers={REPLICA_HEADER: "ingress"})
+            return _answer(e)
         return None
 

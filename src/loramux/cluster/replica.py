@@ -132,7 +132,8 @@ class EngineReplica:
             for job_id in orders["drop"]:
                 log.warning("replica %s lost fine-tuning job %s to another replica", self.id, job_id)
                 self.loop.submit(lambda e, job_id=job_id: jobs.forget(job_id))
-            self.loop.submit(lambda e: resident.retain_cataloged(grace_seconds=LEASE_SECONDS))
+            catalog = set(orders["catalog"])
+            self.loop.submit(lambda e: resident.retain_cataloged(catalog, grace_seconds=LEASE_SECONDS))
 
     def __del__(self) -> None:
         """Ray Serve's graceful stop: the coordinator hands this replica's jobs on at once."""

@@ -83,10 +83,8 @@ MERGE_MIN_GRAPH_ROWS = 16
 
 
 def linear(layer: FusedLoraLinear, xs: Sequence[torch.Tensor], ctxs: Parts, merge: bool) -> list[torch.Tensor]:
-    """Each part's layer(x): with `merge`, more than one part and enough graph-building rows, the
-    base GEMM runs once over all their rows (FusedLoraLinear.base_parts), each part's adapters on
-    its own rows."""
-    merge = merge and len(xs) > 1 and all(x.shape[0] >= MERGE_MIN_GRAPH_ROWS for x, c in zip(xs, ctxs) if c.part.builds_graph)
+    """Each part's layer(x); with `merge` (decided once per step, `LlamaModel.forward`), the base
+    GEMM runs once over all parts' rows (FusedLoraLinear.base_parts), each part's adapters on its own."""
     bases = layer.base_parts(xs, [c.part.builds_graph for c in ctxs]) if merge else [None] * len(xs)
     return each(ctxs, lambda ctx, x, base: layer(x, ctx.part.lora, ctx.part.builds_graph, ctx.generations, base), xs, bases)
 
@@ -308,9 +306,11 @@ class LlamaModel(nn.Module):
         part runs under its own grad mode, whatever the caller's (not inference_mode, though)."""
         ctxs = [StepContext(part, batch.kv, *rotary_tables(part.positions, self.inv_freq, self.dtype), self.adapter_generations)
                 for part in batch.parts]
+        merge = self.merge_parts and len(batch.parts) > 1 and all(
+            p.num_rows >= MERGE_MIN_GRAPH_ROWS for p in batch.parts if p.builds_graph)
         xs = each(ctxs, lambda ctx: self.model.embed_tokens(ctx.part.input_ids))
         for layer in self.model.layers:
-            xs = layer(xs, ctxs, self.merge_parts)
+            xs = layer(xs, ctxs, merge)
         hidden = each(ctxs, lambda ctx, x: self.model.norm(x), xs)
         with torch.set_grad_enabled(any(p.builds_graph for p in batch.parts)):
             return hidden[0] if len(hidden) == 1 else torch.cat(hidden)

@@ -72,12 +72,13 @@ class ResidentAdapters:
         self.engine.adapters.add(adapter)
         self.added_at[name] = time.monotonic()
 
-    def retain_cataloged(self, grace_seconds: float) -> list[str]:
-        """Engine thread, in a cluster: unregisters the idle resident adapters that are no longer in
-        the catalog (unloaded or deleted through another replica) and returns their names. An
-        adapter registered within `grace_seconds` is kept: the route that loaded it may not have
-        written it to the catalog yet."""
-        catalog, busy, now = self.store.adapters(), self._in_use(), time.monotonic()
+    def retain_cataloged(self, catalog: set[str], grace_seconds: float) -> list[str]:
+        """Engine thread, in a cluster: unregisters the idle resident adapters that are not in
+        `catalog` (the adapters' names as the coordinator last gave them: unloaded or deleted through
+        another replica) and returns their names. An adapter registered within `grace_seconds` is
+        kept: the route that loaded it may not have written it to the catalog yet, or the names may
+        predate it."""
+        busy, now = self._in_use(), time.monotonic()
         gone = [n for n in self.engine.adapters.names()
                 if n not in catalog and n not in busy and now - self.added_at.get(n, 0.0) >= grace_seconds]
         for name in gone:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from argparse import Namespace
+from pathlib import Path
 
 from loramux.engine.engine import Engine
 from loramux.server.routes.context import Settings
@@ -32,6 +33,4 @@ def serving_settings(args: Namespace) -> Settings:
 
 def given_adapter_record(path: str) -> dict:
     """The catalog's record of an --adapter: evictable, reloaded on demand, kept across restarts."""
-    from pathlib import Path
-
     return {"path": str(Path(path).resolve()), "source": "--adapter", "pinned": False}
