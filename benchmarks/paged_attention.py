@@ -1,4 +1,5 @@
-"""Micro-benchmark of decode attention over the paged KV cache: gather + masked SDPA vs. a contiguous cache.
+"""Micro-benchmark of decode attention over the paged KV cache: gather + masked SDPA, the native
+kernel that reads the cache in place, and a contiguous cache.
 
 What it measures
 ----------------
@@ -6,15 +7,20 @@ One decode step's attention, all ``--layers`` layers, on CPU, under ``torch.infe
 batch of ``B`` sequences that each add one token. Per dtype, batch size and context length it times
 the median wall-clock over ``--repeat`` runs (after warm-up) of
 
-1. ``paged``      : what ``Attention.forward`` in ``loramux/model/llama.py`` does for decode rows, per
-   layer: ``keys = kv.k[layer][decode_slots].transpose(1, 2)`` (same for values), then
-   ``F.scaled_dot_product_attention(q [B, heads, 1, D], keys, values, attn_mask=decode_mask,
-   enable_gqa=True)``. The plan (``decode_slots [B, C]`` padded, ``decode_mask [B, 1, 1, C]``) comes
-   from the real ``Batch.build`` over DECODE ``Chunk``s and a real ``PagedKVCache``.
-2. ``contiguous`` : the lower bound, a per-sequence cache that needs no copy: pre-built contiguous
-   ``[B, kv_heads, C, D]`` keys/values per layer holding the same data, the same masked SDPA call.
-3. ``gather``     : the two gathers of (1) alone (``kv.k[layer][decode_slots]``, ``kv.v[...]``), i.e.
-   what share of (1) is copying the context out of the pool.
+1. ``paged``      : the PyTorch path of ``Attention._decode`` in ``loramux/model/llama.py``, per layer:
+   ``keys, values = kv.gather(layer, decode_slots)`` (into the cache's reused workspace), then
+   ``F.scaled_dot_product_attention(q [B, heads, 1, D], keys.transpose(1, 2), values.transpose(1, 2),
+   attn_mask=decode_mask, enable_gqa=True)``. The plan (``decode_slots [B, C]`` padded,
+   ``decode_mask [B, 1, 1, C]``) comes from the real ``Batch.build`` over DECODE ``Chunk``s and a
+   real ``PagedKVCache``.
+2. ``native``     : what ``Attention._decode`` runs where the native kernel does
+   (``loramux/native/paged_attention``): ``paged_attention_native(q, kv, layer, decode_slots,
+   decode_mask)``, each row's K and V read in place through its slots, no gather, no padding.
+3. ``contiguous`` : the lower bound of the SDPA path, a per-sequence cache that needs no copy:
+   pre-built contiguous ``[B, kv_heads, C, D]`` keys/values per layer holding the same data, the
+   same masked SDPA call.
+4. ``gather``     : the two gathers of (1) alone, i.e. what share of (1) is copying the context out
+   of the pool.
 
 The cache is fragmented on purpose: the pool holds 25% more blocks than the batch needs
 (``--slack``) and every sequence's block table is drawn from one random permutation of the block
@@ -23,19 +29,21 @@ and frees), not adjacent. Contexts are mixed within the batch: the first sequenc
 ``C`` tokens (so the padded width is ``C``), the others uniform in ``[C/2, C]``; padded positions
 are masked, as in loramux. Queries and cache contents are random normal values.
 
-"gathered MB" is what the gathers of one step write (K and V, every layer, the padded width
-``B * C`` rows of ``kv_heads * head_dim`` elements; padded rows gather slot 0), and "gather GB/s"
-is that divided by the gather-only time (it reads as many bytes as it writes).
+"gathered MB" (JSON only) is what the gathers of one step write (K and V, every layer, the padded
+width ``B * C`` rows of ``kv_heads * head_dim`` elements; padded rows gather slot 0).
 
-Before timing, every configuration checks once that (1) and (2) agree (max absolute difference
-printed; float32 must be within 1e-5, bfloat16 within a few bf16 ulps), so a wrong plan aborts the
-run. The three variants are interleaved inside every repeat (order rotated), so drift in machine
-load hits all of them alike; "spread" is the largest interquartile range of the three, as % of its
-median. The 1-minute load average is printed before and after.
+Before timing, every configuration checks once that (1) and (3) agree and that (2) agrees with
+(1) (max absolute differences printed; float32 must be within 1e-5, bfloat16 within a few bf16
+ulps: SDPA rounds its probabilities to bf16, the kernel only its output), so a wrong result aborts
+the run. The variants are interleaved inside every repeat (order rotated), so drift in machine
+load hits all of them alike; "spread" is the largest interquartile range of them, as % of its
+median. The 1-minute load average is printed before and after. The native kernel's build is the
+best this CPU runs (``LORAMUX_NATIVE_ISA=avx2`` times the AVX2 build on an AVX-512 CPU); where
+none runs, the native column is left out.
 
 How to run
 ----------
-    .venv/bin/python benchmarks/paged_attention.py                    # defaults, < 3 minutes on 2 cores
+    .venv/bin/python benchmarks/paged_attention.py                    # defaults, a few minutes on 2 cores
     .venv/bin/python benchmarks/paged_attention.py --batch 8 --context 2048 --dtypes float32 --repeat 20
     .venv/bin/python benchmarks/paged_attention.py --json /tmp/paged_attention.json
 
@@ -63,6 +71,8 @@ from loramux.config import ModelConfig
 from timing import time_interleaved
 from loramux.batch import Batch, Chunk, RowKind
 from loramux.kv.paged_cache import PagedKVCache
+from loramux.native import cpu_isa, paged_attention
+from loramux.native.paged_attention import paged_attention_native
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,10 +122,15 @@ def make_case(config: ModelConfig, batch: int, context: int, block_size: int, sl
 def paged_step(kv, plan, q, layers):
     out = []
     for layer in range(layers):
-        keys = kv.k[layer][plan.decode_slots].transpose(1, 2)
-        values = kv.v[layer][plan.decode_slots].transpose(1, 2)
-        out.append(F.scaled_dot_product_attention(q[layer], keys, values, attn_mask=plan.decode_mask, enable_gqa=True))
+        keys, values = kv.gather(layer, plan.decode_slots)
+        out.append(F.scaled_dot_product_attention(q[layer], keys.transpose(1, 2), values.transpose(1, 2),
+                                                  attn_mask=plan.decode_mask, enable_gqa=True))
     return out
+
+
+def native_step(kv, plan, q, layers):
+    return [paged_attention_native(q[layer][:, :, 0], kv, layer, plan.decode_slots, plan.decode_mask).unsqueeze(2)
+            for layer in range(layers)]
 
 
 def contiguous_step(k_c, v_c, mask, q, layers):
@@ -125,18 +140,16 @@ def contiguous_step(k_c, v_c, mask, q, layers):
 
 def gather_step(kv, plan, layers):
     for layer in range(layers):
-        kv.k[layer][plan.decode_slots]
-        kv.v[layer][plan.decode_slots]
+        kv.gather(layer, plan.decode_slots)
 
 
-def check(kv, plan, q, k_c, v_c, layers, dtype) -> float:
-    """Max |paged - contiguous| over all layers; raises if they disagree beyond the dtype's tolerance."""
-    a = torch.stack(paged_step(kv, plan, q, layers)).float()
-    b = torch.stack(contiguous_step(k_c, v_c, plan.decode_mask, q, layers)).float()
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor], dtype) -> float:
+    """Max |a - b| over all layers; raises if they disagree beyond the dtype's tolerance."""
+    a, b = torch.stack(a).float(), torch.stack(b).float()
     diff = (a - b).abs().max().item()
     tol = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps * max(1.0, b.abs().max().item())
     if not diff <= tol:  # also catches NaN
-        raise SystemExit(f"MISMATCH: max |paged - contiguous| = {diff:.3g} > tol {tol:.3g}; refusing to time a wrong result")
+        raise SystemExit(f"MISMATCH: max abs diff {diff:.3g} > tol {tol:.3g}; refusing to time a wrong result")
     return diff
 
 
@@ -171,15 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     L = a.layers
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (os.cpu_count() = {os.cpu_count()}), "
-          f"python {platform.python_version()}, {platform.machine()}")
+          f"python {platform.python_version()}, {platform.machine()}, native kernel: {cpu_isa() or 'none'} build")
     load_before = os.getloadavg()[0]
     print(f"{L} layers, {a.heads} heads / {a.kv_heads} KV heads x {a.head_dim}, block size {a.block_size}, "
           f"pool slack {a.slack:.0%}, contexts uniform in [C/2, C] (one at C); median of {a.repeat} steps after "
           f"{a.warmup} warm-up, inference_mode; load average {load_before:.2f}")
     print()
-    header = ["dtype", "batch", "context", "paged ms/step", "contiguous ms/step", "gather-only ms",
-              "paged over contiguous", "gather share of paged", "gathered MB/step", "gather GB/s",
-              "max abs diff", "spread"]
+    header = ["dtype", "batch", "context", "paged ms/step", "native ms/step", "contiguous ms/step", "gather-only ms",
+              "native / paged", "native / contiguous", "paged / contiguous", "max abs diff native-paged",
+              "max abs diff paged-contiguous", "spread"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
     sys.stdout.flush()
@@ -193,36 +206,40 @@ def main(argv: list[str] | None = None) -> int:
                 for C in contexts:
                     kv, plan, q, k_c, v_c, lengths, num_blocks = make_case(
                         config, B, C, a.block_size, a.slack, dtype, a.seed)
-                    diff = check(kv, plan, q, k_c, v_c, L, dtype)
                     fns = {
                         "paged": lambda: paged_step(kv, plan, q, L),
+                        "native": lambda: native_step(kv, plan, q, L),
                         "contiguous": lambda: contiguous_step(k_c, v_c, plan.decode_mask, q, L),
                         "gather": lambda: gather_step(kv, plan, L),
                     }
+                    if not paged_attention.accepts(q[0][:, :, 0], kv, plan.decode_slots, plan.decode_mask):
+                        del fns["native"]
+                    reference = paged_step(kv, plan, q, L)
+                    diff = max_diff(reference, contiguous_step(k_c, v_c, plan.decode_mask, q, L), dtype)
+                    native_diff = max_diff(native_step(kv, plan, q, L), reference, dtype) if "native" in fns else None
                     ms = time_interleaved(fns, a.warmup, a.repeat)
                     esize = torch.empty((), dtype=dtype).element_size()
                     gathered = 2 * L * B * C * config.kv_size * esize  # K and V, padded width
-                    gbps = gathered / (ms["gather"] * 1e-3) / 1e9
-                    overhead = 100 * (ms["paged"] / ms["contiguous"] - 1)
-                    share = 100 * ms["gather"] / ms["paged"]
                     spread = max(ms[n + "_iqr_pct"] for n in fns)
-                    print(f"| {dname} | {B} | {C} | {ms['paged']:.2f} | {ms['contiguous']:.2f} | {ms['gather']:.2f} | "
-                          f"{overhead:+.0f}% | {share:.0f}% | {gathered / 1e6:.1f} | {gbps:.1f} | {diff:.2g} | {spread:.0f}% |")
+                    native = ms.get("native", float("nan"))
+                    print(f"| {dname} | {B} | {C} | {ms['paged']:.2f} | {native:.2f} | {ms['contiguous']:.2f} | {ms['gather']:.2f} | "
+                          f"{native / ms['paged']:.2f}x | {native / ms['contiguous']:.2f}x | {ms['paged'] / ms['contiguous']:.2f}x | "
+                          f"{native_diff if native_diff is not None else float('nan'):.2g} | {diff:.2g} | {spread:.0f}% |")
                     sys.stdout.flush()
                     results.append(dict(
                         dtype=dname, batch=B, context=C, lengths=lengths, pool_blocks=num_blocks,
-                        paged_ms=ms["paged"], contiguous_ms=ms["contiguous"], gather_ms=ms["gather"],
-                        paged_min_ms=ms["paged_min"], contiguous_min_ms=ms["contiguous_min"], gather_min_ms=ms["gather_min"],
-                        paged_overhead_pct=overhead, gather_share_pct=share, gathered_bytes=gathered,
-                        gather_gb_per_s=gbps, max_abs_diff=diff, spread_iqr_pct=spread))
-                    del kv, plan, q, k_c, v_c, fns
+                        paged_ms=ms["paged"], native_ms=ms.get("native"), contiguous_ms=ms["contiguous"], gather_ms=ms["gather"],
+                        paged_min_ms=ms["paged_min"], native_min_ms=ms.get("native_min"),
+                        contiguous_min_ms=ms["contiguous_min"], gather_min_ms=ms["gather_min"],
+                        gathered_bytes=gathered, max_abs_diff=diff, native_max_abs_diff=native_diff, spread_iqr_pct=spread))
+                    del kv, plan, q, k_c, v_c, fns, reference
                     gc.collect()
     load_after = os.getloadavg()[0]
     print(f"\n(total {time.perf_counter() - t_start:.1f} s; 1-min load average {load_before:.2f} before, "
           f"{load_after:.2f} after, on {os.cpu_count()} cores)")
 
     if a.json:
-        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+        meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu_count=os.cpu_count(), native_isa=cpu_isa(),
                     machine=platform.machine(), load_before=load_before, load_after=load_after,
                     date=datetime.now(timezone.utc).isoformat(timespec="seconds"), args=vars(a))
         with open(a.json, "w") as f:

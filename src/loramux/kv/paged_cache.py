@@ -2,10 +2,11 @@
 
 k[layer], v[layer]: [num_blocks * block_size, kv_heads, head_dim]. Token `pos` of a sequence with
 block table `bt` lives in slot `bt[pos // block_size] * block_size + pos % block_size`. Writes and
-reads go through slot indices computed once per step (batch.py), so attention reads a
-sequence's context with one gather per layer and never copies whole caches between steps. Gathers
-land in a workspace reused by every layer and step: fresh buffers of that size cost page faults
-each time (docs/benchmarks.md, paged attention).
+reads go through slot indices computed once per step (batch.py), and whole caches are never copied
+between steps. Decode rows read their context in place where the native kernel runs
+(native/paged_attention.py); elsewhere, and for prefill chunks, attention gathers a sequence's
+context once per layer into a workspace reused by every layer and step: fresh buffers of that size
+cost page faults each time (docs/benchmarks.md, paged attention).
 """
 
 from __future__ import annotations

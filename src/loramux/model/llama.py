@@ -30,7 +30,8 @@ from loramux.lora.layer import FusedLoraLinear, LoraProjection, MultiLoraLinear
 from loramux.lora.prepacked import FrozenLinear
 from loramux.model.recompute import recomputed
 from loramux.model.rope import apply_rotary, inverse_frequencies, rotary_tables
-from loramux.native import rms_norm
+from loramux.native import paged_attention, rms_norm
+from loramux.native.paged_attention import paged_attention_native
 from loramux.native.rms_norm import rms_norm_native
 
 
@@ -178,8 +179,12 @@ class Attention(nn.Module):
 
     def _decode(self, q: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """q [B, heads, D] of the decode rows -> [B, heads, D], each over its sequence's cached
-        context [B, kv_heads, C, D] (gathered, padded to the longest and masked)."""
+        context: read in place from the pool where the native kernel runs (native/paged_attention;
+        decode rows build no graph), else gathered [B, kv_heads, C, D], padded to the longest and
+        masked, for one SDPA call (the reference)."""
         plan = ctx.part.attention
+        if not torch.is_grad_enabled() and paged_attention.accepts(q, ctx.kv, plan.decode_slots, plan.decode_mask):
+            return paged_attention_native(q, ctx.kv, self.layer_idx, plan.decode_slots, plan.decode_mask)
         keys, values = ctx.kv.gather(self.layer_idx, plan.decode_slots)  # [B, C, kv_heads, D]
         attended = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=plan.decode_mask, enable_gqa=True

@@ -1,4 +1,5 @@
-/* bfloat16 <-> float32 on AVX-512 registers, rounding as torch rounds (to nearest, ties to even). */
+/* bfloat16 <-> float32, rounding as torch rounds (to nearest, ties to even): scalar helpers for
+ * any build, and their AVX-512 forms for the kernels built for it. */
 #ifndef LORAMUX_BF16_H
 #define LORAMUX_BF16_H
 
@@ -6,15 +7,25 @@
 #include <stdint.h>
 #include <string.h>
 
-/* a mask of the first n of 16 lanes */
-static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
-
 static inline float scalar_bf16(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
+
+/* the bf16 nearest to f; a NaN stays a (quiet) NaN */
+static inline uint16_t scalar_round_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u | 0x400000u) >> 16);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if defined __AVX512BW__ && defined __AVX512VL__
+
+/* a mask of the first n of 16 lanes */
+static inline __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 
 static inline __m512 load_bf16(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -35,4 +46,5 @@ static inline void store_bf16(uint16_t *p, __m512 f, __mmask16 m) {
     _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(bits));
 }
 
+#endif
 #endif
