@@ -19,11 +19,16 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from live_server import tiny_model_dir  # also puts scripts/ on sys.path
 from loramux.bench.machine import _own_cpu_seconds, stop_session
 from loramux.bench.records import RequestRecord, percentile, summarize
+from loramux.bench.server_stats import ServerStats
 from loramux.bench.workload import Workload, make_requests, training_records
 from loramux.cli import _latency_summary, main
+from loramux.engine.engine import Engine
 from loramux.engine.requests import SLO, RequestMetrics
+from loramux.engine.sampling import SamplingParams
+from random_llama import LLAMA_3_2_1B, build_random_llama  # noqa: E402  (scripts/)
 
 POOL = list(range(1000, 9000))
 
@@ -229,7 +234,64 @@ def test_quick_unified_setting_through_the_server(tmp_path):
         httpx.get("http://127.0.0.1:8310/v1/models", timeout=2.0)
 
 
+def test_many_adapters_through_the_server_under_a_resident_limit(tmp_path):
+    """`--max-adapters`: 12 adapters on disk, at most 4 resident in `loramux serve` (the tiny model):
+    before each workload the server holds 4 others, so each of the 4 active adapters is loaded from
+    disk and evicts one, and the one-adapter reference loads its one; the report has the cold-load
+    figures and the ratio."""
+    model = tiny_model_dir(tmp_path / "tiny")
+    report = _bench(tmp_path, "inference", "--model", str(model), "--adapters", "12", "--active", "4", "--max-adapters", "4")
+    config, results = report["config"], report["results"]
+    assert config["max_adapters"] == 4 and config["peers"]["peft"] is False
+    assert set(results["summaries"]) == {"loramux HTTP", "loramux HTTP, 1 adapter"}  # nothing that holds all 12
+    for by_label in results["records"].values():
+        for records in by_label.values():
+            _assert_complete(records)
+    many = results["many_adapters"]
+    for label, window in many["loads"]["loramux HTTP"].items():
+        assert window["loads"] == window["evictions"] == 4, label
+        assert many["loads"]["loramux HTTP, 1 adapter"][label]["loads"] == 1
+        assert 0 < many["ratios"][label] < math.inf
+    assert many["whole_run"]["loads"] > 4 and many["whole_run"]["resident"] == 4
+    assert many["memory"]["adapters_added"] == 4 and many["adapter_tensor_bytes"] > 0
+    md = (tmp_path / "inference" / "report.md").read_text()
+    assert "Many adapters: 12 on disk, at most 4 resident" in md
+    for row in ("cold loads in the measured workloads (both systems) | 10 |", "load time p50 ms", "load time p99 ms",
+                "server RSS growth per resident adapter MB"):
+        assert row in md
+
+
+def test_load_quantiles_from_the_histogram_as_prometheus_estimates_them():
+    earlier = ServerStats(2, 0.01, ((0.01, 2.0), (0.05, 2.0), (math.inf, 2.0)), evictions=1, resident=3, rss_bytes=10)
+    later = ServerStats(10, 0.31, ((0.01, 4.0), (0.05, 8.0), (math.inf, 10.0)), evictions=5, resident=4, rss_bytes=20)
+    window = later - earlier  # 8 loads: 2 up to 10 ms, 4 in (10, 50] ms, 2 above
+    assert (window.loads, window.evictions, window.resident) == (8, 4, 4)
+    assert window.buckets == ((0.01, 2.0), (0.05, 6.0), (math.inf, 8.0))
+    assert window.load_quantile(0.5) == pytest.approx(0.01 + 0.04 * (4 - 2) / (6 - 2))  # rank 4 within (10, 50] ms
+    assert window.load_quantile(0.1) == pytest.approx(0.01 * 0.8 / 2)
+    assert window.load_quantile(0.99) == 0.05  # in +Inf: the highest finite bound
+    assert window.mean_load_seconds == pytest.approx(0.3 / 8)
+    assert (window + window).loads == 16 and math.isnan(ServerStats(0, 0.0, (), 0, 0, 0).load_quantile(0.5))
+
+
+def test_the_llama_3_2_1b_shaped_model_loads(tmp_path):
+    """scripts/random_llama.py at one layer (the full model is 16, 2 GB): Llama-3.2-1B's width,
+    attention and RoPE, the default model's vocabulary; loramux loads it and generates."""
+    engine = Engine.load(str(build_random_llama(tmp_path / "llama", layers=1)), dtype="bfloat16")
+    c = engine.model.config
+    assert (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads) == (1, 2048, 8192, 32, 8)
+    assert (c.rope.type, c.rope.factor, c.rope.theta, c.vocab_size) == ("llama3", 32.0, 500000.0, 49152)
+    assert c.max_position_embeddings == LLAMA_3_2_1B["max_position_embeddings"]
+    [out] = engine.generate([[1, 2, 3]], [None], params=SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out.token_ids) == 3
+
+
 @pytest.mark.parametrize("argv,named", [
+    (["inference", "--adapters", "12", "--max-adapters", "4"], "--active 12 must be between 1 and --max-adapters 4"),
+    (["inference", "--adapters", "200"], "--active 200 must be between 1 and --max-adapters 128"),  # the default limit
+    (["inference", "--adapters", "4", "--max-adapters", "4"], "--max-adapters 4 must be below --adapters 4"),
+    (["inference", "--adapters", "12", "--active", "4", "--max-adapters", "4", "--no-http"], "cannot be used with --no-http"),
+    (["finetune", "--adapters", "12", "--active", "4", "--max-adapters", "4"], "--max-adapters applies to the inference setting only"),
     (["unified", "--http", "--no-peft", "--train-batch", "4"], "--no-peft, --train-batch cannot be used with --http"),
     (["inference", "--http"], "--http applies to the unified setting only"),
     (["unified", "--http", "--ttft", "1"], "--ttft and --tpot must be those"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -305,6 +306,18 @@ def test_resident_limit_evicts_idle_adapters_by_lru_and_reloads_them(tmp_path, a
             assert sum(models[n] for n in ADAPTERS) <= 2 and models["delta"], models
             assert models[name]
         assert {m.id for m in client.models.list().data} == {BASE, *ADAPTERS}
+    finally:
+        srv.stop()
+    # a restart loads no more of the catalog than the limit holds (the rest on demand): nothing to evict
+    srv = Server(tmp_path / "data", "--max-adapters", "2")
+    try:
+        client = srv.client("x")
+        models = {m.id: m.model_extra["resident"] for m in client.models.list().data}
+        assert set(models) == {BASE, *ADAPTERS} and sum(models[n] for n in ADAPTERS) <= 2, models
+        evictions = re.search(r"^loramux_adapter_evictions_total (\S+)$", httpx.get(f"{srv.url}/metrics").text, re.M)
+        assert evictions is not None and float(evictions.group(1)) == 0
+        reply = client.chat.completions.create(model="gamma", messages=question, max_tokens=8, temperature=0).choices[0].message.content
+        assert reply == first["gamma"]
     finally:
         srv.stop()
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 BENCH_EXTRA_INSTALL = "pip install 'loramux[bench]'"
 STRUCTURED = "structured"  # not a setting: the engine-level cost of structured outputs (bench/structured.py)
 SHORT_OUTPUT_TOKENS = 16  # the short chat replies of issue 19's promise, swept by default in the unified setting
+MANY_ADAPTERS = 128  # inference: above this many adapters, the server holds this many by default (--max-adapters)
 
 
 def _rates(value: str) -> tuple[float, ...]:
@@ -57,6 +58,11 @@ def add_bench_parser(sub, add_model_options) -> None:
     w.add_argument("--rates", type=_rates, default=(1.0, 2.0, 4.0), help="arrival rates in req/s, comma-separated")
     w.add_argument("--adapters", type=int, default=4, help="registered adapters")
     w.add_argument("--active", type=int, default=None, help="adapters that get requests (default: all)")
+    w.add_argument("--max-adapters", type=int, default=None, metavar="M",
+                   help="inference: `loramux serve --max-adapters M`: every adapter is written to disk and the server "
+                        "holds at most M, loading the others on demand; measured against the same requests on one "
+                        f"adapter, with cold-load times and memory per adapter (default: {MANY_ADAPTERS} above "
+                        f"{MANY_ADAPTERS} adapters, else none)")
     w.add_argument("--rank", type=int, default=16)
     w.add_argument("--skew", default="uniform", choices=["uniform", "zipf"], help="how requests pick adapters")
     w.add_argument("--shared-prefix-tokens", type=int, default=0, metavar="N",
@@ -116,11 +122,15 @@ def options_from_args(args) -> BenchOptions:
     if short is None:
         short = SHORT_OUTPUT_TOKENS if args.setting == "unified" else 0
     training = {k: v for k, v in (("train_steps", args.train_steps), ("train_batch", args.train_batch)) if v is not None}
+    max_adapters = args.max_adapters
+    if max_adapters is None:
+        many = args.setting == "inference" and not args.no_http and args.adapters > MANY_ADAPTERS
+        max_adapters = MANY_ADAPTERS if many else 0
     options = BenchOptions(
         setting=args.setting, out_dir=Path(args.out or f"bench-results/{args.setting}-{stamp}"), model=args.model,
         dtype=args.dtype, workload=workload, rates=args.rates, ttft=args.ttft, tpot=args.tpot,
-        peft=not (args.no_peft or args.http), http=not args.no_http, vllm_python=args.vllm_python, **training,
-        short_output_tokens=short, dpo=args.dpo,
+        peft=not (args.no_peft or args.http or max_adapters), http=not args.no_http, vllm_python=args.vllm_python, **training,
+        short_output_tokens=short, dpo=args.dpo, max_adapters=max_adapters,
         through_server=args.http, command="loramux " + shlex.join(args.argv),
     )
     return options.quick_sized() if args.quick else options

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -28,7 +29,13 @@ from loramux.bench.records import RequestRecord
 from loramux.bench.workload import BenchRequest
 from loramux.client import FINAL_STATUSES, Client
 
-PORT_LORAMUX = 8310
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now, for a server this run starts (two runs at once never clash)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _call(r: BenchRequest, model: str, chat: Callable[[list[int]], str] | None) -> tuple[str, dict]:
@@ -113,15 +120,22 @@ def server_process(command: list[str], base_url: str, log_path: Path, env: dict[
 
 
 @contextmanager
-def loramux_server(o: BenchOptions, adapter_dirs: dict[str, Path], data_dir: Path, log_path: Path) -> Iterator[str]:
-    """Runs `loramux serve` with the run's model and dtype, its default settings otherwise, and the
-    given adapters in its catalog, on PORT_LORAMUX; yields its URL and stops it at the end."""
-    cmd = loramux_command() + ["serve", "--port", str(PORT_LORAMUX), "--dtype", o.dtype, "--data-dir", str(data_dir)]
+def loramux_server(o: BenchOptions, adapter_dirs: dict[str, Path], data_dir: Path, log_path: Path,
+                   allow_adapter_dir: Path | None = None) -> Iterator[str]:
+    """Runs `loramux serve` with the run's model, dtype and resident limit (`max_adapters`), its
+    default settings otherwise, the given adapters (`--adapter`) and, with `allow_adapter_dir`,
+    adapters of that directory loadable over the API, on a free port; yields its URL and stops it
+    at the end."""
+    port = free_port()
+    cmd = loramux_command() + ["serve", "--port", str(port), "--dtype", o.dtype, "--data-dir", str(data_dir),
+                               "--max-adapters", str(o.max_adapters)]
     if o.model:
         cmd += ["--model", o.model]
     for name, path in adapter_dirs.items():
         cmd += ["--adapter", f"{name}={path}"]
-    url = f"http://127.0.0.1:{PORT_LORAMUX}"
+    if allow_adapter_dir is not None:
+        cmd += ["--allow-adapter-dir", str(allow_adapter_dir)]
+    url = f"http://127.0.0.1:{port}"
     with server_process(cmd, url, log_path):
         yield url
 

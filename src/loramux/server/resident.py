@@ -18,13 +18,16 @@ from pathlib import Path
 
 from loramux.engine.engine import Engine
 from loramux.server.jobs import UNFINISHED
+from loramux.server.metrics import Metrics
 from loramux.server.protocol import APIError
 from loramux.server.store import Store
 
 
 class ResidentAdapters:
-    def __init__(self, engine: Engine, store: Store, max_resident: int = 0) -> None:
-        self.engine, self.store, self.max_resident = engine, store, max_resident
+    """`metrics` observes each load (`loramux_adapter_load_seconds`) and eviction."""
+
+    def __init__(self, engine: Engine, store: Store, metrics: Metrics, max_resident: int = 0) -> None:
+        self.engine, self.store, self.metrics, self.max_resident = engine, store, metrics, max_resident
         self.last_used: dict[str, float] = {}
         self.added_at: dict[str, float] = {}  # when each adapter was registered (time.monotonic)
         self._reserved: Counter[str] = Counter()  # engine thread only
@@ -66,11 +69,14 @@ class ResidentAdapters:
 
     def add(self, name: str, path: str | Path) -> None:
         """Engine thread: reads the adapter at `path` and registers it as `name`, evicting idle
-        adapters if the limit needs it; read first, so that a refused adapter evicts nothing."""
+        adapters if the limit needs it; read first, so that a refused adapter evicts nothing. The
+        whole of it, disk to servable, is observed as one adapter load."""
+        start = time.perf_counter()
         adapter = self.engine.read_adapter(name, path)
         self.make_room(1)
         self.engine.adapters.add(adapter)
         self.added_at[name] = time.monotonic()
+        self.metrics.adapter_loads.observe(time.perf_counter() - start)
 
     def retain_cataloged(self, catalog: set[str], grace_seconds: float) -> list[str]:
         """Engine thread, in a cluster: unregisters the idle resident adapters that are not in
@@ -99,6 +105,7 @@ class ResidentAdapters:
                 raise APIError(429, f"all {self.max_resident} resident adapters are busy or pinned; retry later", code="adapters_busy")
             victim = min(idle, key=lambda n: self.last_used.get(n, 0.0))
             self.engine.adapters.remove(victim)
+            self.metrics.adapter_evictions.inc()
 
     def delete(self, name: str) -> str | None:
         """Engine thread: unregisters the fine-tuned model `name` and drops it from the catalog;
