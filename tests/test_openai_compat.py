@@ -331,4 +331,6 @@ def test_tokenize_and_detokenize_round_trip_with_the_models_tokenizer(server, hf
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": [1]}).status_code == 401
     assert post(server, "/tokenize", {"model": "nope", "prompt": "x"}).json()["error"]["param"] == "model"
     assert error_of(post(server, "/detokenize", {"tokens": [49152]}))["param"] == "tokens"
+    assert error_of(post(server, "/detokenize", {"tokens": [True]}))["param"].startswith("tokens")  # true is not token 1
+    assert error_of(post(server, "/v1/completions", {**COMPLETION, "prompt": [1, False]}))["param"].startswith("prompt")
     assert error_of(post(server, "/tokenize", {"model": MODEL}))["param"] == "prompt"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 from loramux.config import LORA_TARGETS
 from loramux.engine.requests import SLO
@@ -36,6 +36,10 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
+
+
+# a token id: an integer, never a boolean (JSON's true is not token 1)
+TokenId = Annotated[int, Strict(), Field(ge=0)]
 
 
 class RequestModel(BaseModel):
@@ -143,7 +147,7 @@ class SamplingFields(RequestModel):
     min_tokens: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[TokenId] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
@@ -193,7 +197,7 @@ class SamplingFields(RequestModel):
 
 
 Text = Annotated[str, Field(min_length=1)]
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
@@ -537,7 +541,7 @@ class DetokenizeRequest(RequestModel):
     """vLLM's /detokenize: token ids below the vocabulary size, decoded with special tokens kept."""
 
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[TokenId]
 
 
 # --- responses (described for the OpenAPI schema; the handlers return plain dicts) --------------
