@@ -45,7 +45,7 @@ def cluster(tmp_path_factory):
         adapter = LoraAdapter.create(name, LoraConfig(r=4, target_modules="all-linear"), config,
                                      generator=torch.Generator().manual_seed(seed), init_b="random")
         adapters[name] = save_peft_adapter(adapter, root / "adapters" / name)
-    srv = Server(root / "data", "--replicas", "2", "--model", str(model), "--api-key", KEY, "--max-ongoing-requests", "2",
+    srv = Server(root / "data", "--replicas", "2", "--model", str(model), "--api-key", KEY, "--max-ongoing-requests", "4",
                  "--allow-adapter-dir", str(root / "adapters"),
                  *[a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")])
     srv.model_dir, srv.adapters = model, adapters
@@ -116,12 +116,30 @@ def test_greedy_answers_equal_one_engines_and_each_adapter_stays_on_one_replica(
 
 
 def test_load_spills_to_the_second_replica(cluster, reference):
-    # 2 requests in flight per replica (--max-ongoing-requests 2): 8 at once cannot all wait for one
+    # 4 requests in flight per replica (--max-ongoing-requests 4): 8 at once cannot all wait for one
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: complete(cluster, "alpha", PROMPTS[i % 3], max_tokens=48), range(8)))
     assert len({replica for _, replica in results}) == 2
     want = reference("alpha", max_tokens=48)
     assert all(text == want[i % 3] for i, (text, _) in enumerate(results))
+
+
+def test_every_request_the_replicas_can_take_is_in_flight_at_once(cluster):
+    """8 long streams at once, 4 per replica: each gets its first token before any of them ends (an
+    ingress that took fewer at a time would hold some back until another finished)."""
+    def stream(i: int) -> tuple[float, float]:
+        body = {"model": MODEL, "prompt": PROMPTS[i % 3], "max_tokens": 400, "ignore_eos": True, "stream": True}
+        first = None
+        with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, headers=HEADERS, timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if first is None and line.startswith("data: {"):
+                    first = time.monotonic()
+        return first, time.monotonic()
+
+    with ThreadPoolExecutor(8) as pool:
+        spans = list(pool.map(stream, range(8)))
+    assert max(first for first, _ in spans) < min(end for _, end in spans), spans
 
 
 def test_streaming_through_the_openai_client(cluster, reference):

@@ -83,7 +83,10 @@ def serve_cluster(args: Namespace) -> int:
                                                       request_routing_stats_period_s=HEARTBEAT_SECONDS),
             logging_config={"log_level": "WARNING", "enable_access_log": False},
         )
-        ingress = Ingress.options(logging_config={"log_level": "WARNING", "enable_access_log": False}).bind(
+        # the ingress only forwards: it must take every request the replicas can (Ray Serve's own
+        # default, 5 in flight, would cap the whole cluster at 5 concurrent requests)
+        ingress = Ingress.options(max_ongoing_requests=args.replicas * ongoing,
+                                  logging_config={"log_level": "WARNING", "enable_access_log": False}).bind(
             replicas.bind(replica_args), settings.api_key, max(settings.max_body_bytes, settings.max_upload_bytes))
         serve.run(ingress, name=APP_NAME, route_prefix="/", blocking=False)
         where = "a local Ray cluster" if own_cluster else f"the Ray cluster at {args.ray_address}"
