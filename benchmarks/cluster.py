@@ -74,13 +74,15 @@ def measure(name: str, command: list[str], args, adapters: dict[str, Path], pool
     }
     models = {None: base} | {n: n for n in adapters}
     result = {"system": name, "command": command}
+    # from before the server starts to after it is stopped and reaped: its CPU time is then this
+    # process's children's, not other processes'
+    monitor = LoadMonitor()
     with tempfile.TemporaryDirectory() as data, server_process(command + ["--data-dir", data], URL, out / f"{name}.log"):
-        monitor = LoadMonitor()
         result["probe_seconds"] = probe_latency(base, args.probes)
         run_http(URL, make_requests(workloads["all at once"], pool)[:4], models)  # every adapter loaded, every path warm
         for label, workload in workloads.items():
             result[label] = summarize(run_http(URL, make_requests(workload, pool), models), args.ttft, args.tpot)
-        result["load"] = monitor.result()
+    result["load"] = monitor.result()
     print(f"{name}: probe {1000 * result['probe_seconds']:.1f} ms, "
           + ", ".join(f"{label}: {result[label]['output_tokens_per_second']:.1f} tok/s" for label in workloads), flush=True)
     return result
