@@ -154,7 +154,7 @@ def test_training_alone_is_bounded_so_arrivals_do_not_wait_long():
     idle_train_seconds (by the fitted costs), not max_step_tokens rows; with a request running
     its next token's due time bounds it instead."""
     clock = FakeClock(100.0)
-    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, step_time_share=0.8, clock=clock)
+    s = _scheduler(max_step_tokens=4096, idle_train_seconds=0.5, step_time_share=0.8, min_train_rows_beside=0, clock=clock)
     _fitted_training_costs(s)
     (r,) = _decoding(s, (clock.now, 1, 0.25))  # its next token is due in 0.25 s
     rows = lambda seconds: pytest.approx((seconds - 0.02 - 0.004) / 0.004, abs=3)  # beside r's decode row
@@ -168,7 +168,7 @@ def test_training_spends_the_slack_of_the_tightest_request_and_nothing_more():
     take the smallest such time of all requests, planned against share x their targets, and
     nothing once a request is behind."""
     clock = FakeClock(100.0)
-    s = _scheduler(max_step_tokens=4096, step_time_share=0.8, min_train_tokens=1000, clock=clock)
+    s = _scheduler(max_step_tokens=4096, step_time_share=0.8, min_train_tokens=1000, min_train_rows_beside=0, clock=clock)
     _fitted_training_costs(s)
     rows = lambda seconds: pytest.approx(max((seconds - 0.02 - 0.004 * 2) / 0.004, 0), abs=3)  # beside two decode rows
     # planned at 0.8 x their TPOT targets: a has 6 tokens since 99.0, its next due at 99.0 + 0.8 x
@@ -187,6 +187,24 @@ def test_training_spends_the_slack_of_the_tightest_request_and_nothing_more():
     s.remove(b)
     s.note_step(0, wanted_training=True)  # nothing to serve now: starved training earns credit
     assert s.training_budget({}) >= 1000
+
+
+def test_training_banks_the_slack_while_it_grows_then_takes_a_larger_part():
+    """Beside running requests a training part costs much before its first row counts, so while
+    fewer than min_train_rows_beside rows fit and the time in hand still grows step by step,
+    training waits for a larger part; once the time in hand stops growing it takes what fits."""
+    clock = FakeClock(100.0)
+    s = _scheduler(max_step_tokens=4096, step_time_share=0.8, min_train_rows_beside=64, clock=clock)
+    _fitted_training_costs(s)  # 20 ms + 4 ms a row
+    rows = lambda seconds: pytest.approx((seconds - 0.02 - 0.004) / 0.004, abs=3)  # beside one decode row
+    (r,) = _decoding(s, (100.0, 1, 0.25))  # its next token is due at 100.0 + 0.8 x 0.25 = 100.2
+    assert s.training_budget({RowKind.DECODE: 1}) == 0  # 44 rows fit: it waits
+    clock.now, r.output_ids = 100.05, r.output_ids + [7]  # a short decode step: due at 100.4
+    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.35)  # 81 rows: a larger part
+    clock.now = 100.15  # 0.25 s in hand, 56 rows: it waits again
+    assert s.training_budget({RowKind.DECODE: 1}) == 0
+    clock.now = 100.2  # no token since: the time in hand shrank, so training takes what fits
+    assert s.training_budget({RowKind.DECODE: 1}) == rows(0.2)
 
 
 def test_a_waiting_request_keeps_time_for_its_prompt_before_its_first_token_deadline():

@@ -35,6 +35,11 @@ class SchedulerConfig:
     has before its next token is due (its slack: a TPOT target is an average, so a request whose
     steps were short has saved time that a training sample may spend), by the costs measured on
     this machine; a sample that does not fit waits, it is never forced in beside requests.
+    min_train_rows_beside: while fewer training rows than this fit beside running requests and the
+    time in hand still grows from one step to the next, training waits (banks the slack) for a
+    larger part: a training part costs much before its first row counts (its forward with
+    autograd, its backward), so one part of several samples trains faster than one sample a step
+    (docs/benchmarks.md, latency targets while training). 0: take whatever fits at once.
     min_train_tokens: training's minimum share while nothing runs: each such step that training
     wanted rows and got none adds this many rows to its next budget, so it never starves.
     idle_train_seconds: the longest a step may take while no request runs (training alone) but one
@@ -54,6 +59,7 @@ class SchedulerConfig:
     max_prefill_chunk: int = 256
     min_prefill_tokens: int = 16
     min_train_tokens: int = 32
+    min_train_rows_beside: int = 64
     idle_train_seconds: float = 0.5
     serving_window_seconds: float = 30.0
     step_time_share: float = 0.9
@@ -68,6 +74,8 @@ class SchedulerConfig:
             raise ValueError("idle_train_seconds must be positive")
         if self.serving_window_seconds < 0:
             raise ValueError("serving_window_seconds must not be negative")
+        if self.min_train_rows_beside < 0:
+            raise ValueError("min_train_rows_beside must not be negative")
         if not 0 < self.step_time_share <= 1:
             raise ValueError("step_time_share must be in (0, 1]")
 
@@ -182,6 +190,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.cost = StepCostModel()
         self._train_credit = 0
+        self._banked: float | None = None  # the time in hand when training last waited to bank it
         self._last_arrival: float | None = None
 
     @property
@@ -269,8 +278,18 @@ class Scheduler:
         has earned while starved."""
         if self.running or self.waiting:
             room = self.config.max_step_tokens - sum(beside.values())
-            fits = self.cost.max_rows_within(self.affordable_seconds(), RowKind.TRAIN, beside)
-            return 0 if fits is None else min(fits, room)
+            affordable = self.affordable_seconds()
+            fits = self.cost.max_rows_within(affordable, RowKind.TRAIN, beside)
+            if fits is None:
+                return 0
+            fits = min(fits, room)
+            # bank the slack: a step's training part costs much before its first row, so while the
+            # time in hand still grows from step to step, wait for room for a larger part
+            banked, self._banked = self._banked, None
+            if fits < self.config.min_train_rows_beside and (banked is None or affordable > banked):
+                self._banked = affordable
+                return 0
+            return fits
         return max(self.rows_within_target(RowKind.TRAIN, beside), self._train_credit)
 
     def note_step(self, train_rows: int, wanted_training: bool) -> None:
