@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_model import TOKENIZER_FILES  # noqa: E402  (the same tokenizer files as the tiny model)
+from tiny_model import write_random_llama  # noqa: E402  (the tiny model's writer, tokenizer files and all)
 
 LLAMA_3_2_1B = dict(
     hidden_size=2048,
@@ -46,25 +45,14 @@ def build_random_llama(target: str | Path, layers: int = LLAMA_3_2_1B["num_hidde
     """Writes the model to `target` (its directory name becomes the served model's name) and
     returns it; `layers` fewer than 16 makes a cheaper model of the same width (for tests)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig
 
     from loramux.model.loader import resolve_model_dir
 
-    target, source = Path(target), resolve_model_dir(None)[1]
-    tokens = json.loads((source / "config.json").read_text())
+    tokens = json.loads((resolve_model_dir(None)[1] / "config.json").read_text())
     config = LlamaConfig(**(LLAMA_3_2_1B | {"num_hidden_layers": layers}), vocab_size=tokens["vocab_size"],
                          bos_token_id=tokens["bos_token_id"], eos_token_id=tokens["eos_token_id"])
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # made in bf16: no fp32 copy at 4.3 GB
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.eval().save_pretrained(target)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
-    return target
+    return write_random_llama(config, Path(target), seed, torch.bfloat16)  # made in bf16: no fp32 copy at 4.3 GB
 
 
 if __name__ == "__main__":

@@ -31,21 +31,30 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def build_tiny_model(target: str | Path, seed: int = 0) -> Path:
     """Writes the tiny model to `target` (its directory name becomes the served model's name) and
     returns it. An existing complete directory is reused as is."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from loramux.model.loader import resolve_model_dir
+    from transformers import LlamaConfig
 
     target = Path(target)
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
+    return write_random_llama(LlamaConfig(**TINY), target, seed)
+
+
+def write_random_llama(config, target: Path, seed: int = 0, dtype=None) -> Path:
+    """A Llama of `config` (a transformers LlamaConfig) with random weights, as transformers
+    initialises one, and norms in [0.5, 1.5] (as in tests/conftest.py), in `dtype` (default
+    float32), saved to `target` with the default model's tokenizer files beside it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from loramux.model.loader import resolve_model_dir
+
     torch.manual_seed(seed)
-    hf = LlamaForCausalLM(LlamaConfig(**TINY))
-    with torch.no_grad():  # non-trivial norms, as in tests/conftest.py
+    hf = LlamaForCausalLM._from_config(config, dtype=dtype or torch.float32)
+    with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    hf.float().eval().save_pretrained(target)
+    hf.eval().save_pretrained(target)
     source = resolve_model_dir(None)[1]
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
