@@ -20,7 +20,7 @@ from loramux import SamplingParams, native
 from loramux.batch import Batch, Chunk, RowKind
 from loramux.config import ModelConfig
 from loramux.kv.paged_cache import PagedKVCache
-from loramux.model.llama import Attention
+from loramux.model.llama import Attention, StepContext
 from loramux.native import paged_attention
 from test_native_lora import assert_rounded_once
 
@@ -65,9 +65,9 @@ def _case(shape: str, dtype: torch.dtype, lengths=LENGTHS, q_scale: float = 1.0,
 
 def _decode(config: ModelConfig, kv: PagedKVCache, plan, q: torch.Tensor, native_on: bool = True, layer: int = 1) -> torch.Tensor:
     """`Attention._decode` of the model: through the kernel (checked), or through its gather and SDPA."""
-    ctx = SimpleNamespace(part=SimpleNamespace(attention=plan), kv=kv)
+    ctx = StepContext(SimpleNamespace(attention=plan), kv, None, None, None)
     calls = mock.Mock(wraps=paged_attention.paged_attention_native)
-    off = mock.patch.object(paged_attention, "accepts", lambda *args: False)
+    off = mock.patch.object(paged_attention, "reads_in_place", lambda *args: False)
     with torch.inference_mode(), mock.patch("loramux.model.llama.paged_attention_native", calls), contextlib.nullcontext() if native_on else off:
         out = Attention(config, layer)._decode(q, ctx)
     assert calls.call_count == int(native_on)
@@ -139,7 +139,7 @@ def test_queries_as_a_view_of_the_fused_rows():
 @needs_kernel
 def test_the_model_takes_it_only_without_autograd():
     config, kv, plan, q = _case("mha", torch.float32)
-    ctx = SimpleNamespace(part=SimpleNamespace(attention=plan), kv=kv)
+    ctx = StepContext(SimpleNamespace(attention=plan), kv, None, None, None)
     attention = Attention(config, 1)
     calls = mock.Mock(wraps=paged_attention.paged_attention_native)
     with mock.patch("loramux.model.llama.paged_attention_native", calls):
@@ -178,7 +178,7 @@ def test_greedy_decoding_is_the_same_with_the_kernel_or_without(tiny_engine):
         with_kernel = [g.token_ids for g in tiny_engine().generate(prompts, params=params)]
         assert calls.call_count > 0
         calls.reset_mock()
-        with mock.patch.object(paged_attention, "accepts", lambda *args: False):
+        with mock.patch.object(paged_attention, "reads_in_place", lambda *args: False):
             without = [g.token_ids for g in tiny_engine().generate(prompts, params=params)]
         assert calls.call_count == 0
     assert with_kernel == without and all(len(t) == 40 for t in with_kernel)

@@ -14,7 +14,7 @@ each adapter's first request in the workload is a cold load that evicts another.
 
 Beside the requests' figures: the cold loads in the measured workloads (count, p50/p99 estimated
 from the server's histogram `loramux_adapter_load_seconds`, mean, evictions), and the memory of a
-resident adapter: its tensor bytes, from its shape and the model's, and the server's resident
+resident adapter: its tensor bytes (the first adapter as the server reads it), and the server's resident
 memory growth, per adapter, from loading the filler adapters first (nothing evicted yet) and
 serving a request on each, all at once (so the engine has made its stacked copies of their
 weights, lora/ops.StackedLora).
@@ -29,27 +29,16 @@ import dataclasses
 from pathlib import Path
 
 import httpx
-import torch
 
 from loramux.bench.http_driver import loramux_server, run_http, served_models
-from loramux.bench.options import bench_lora_config
 from loramux.bench.report import Table
 from loramux.bench.server_stats import ServerStats, server_stats
 from loramux.bench.workload import BenchRequest
-from loramux.config import ModelConfig
-from loramux.lora.adapter import LoraConfig
 
 MANY = "loramux HTTP"
 ONE_ADAPTER = "loramux HTTP, 1 adapter"
 TARGET_RATIO = 0.8  # issue 19: throughput over many adapters at least 80% of one adapter's
 MB = 2**20
-
-
-def adapter_tensor_bytes(model: ModelConfig, lora: LoraConfig, dtype: torch.dtype) -> int:
-    """Bytes of one adapter: A [r, in] and B [out, r] on each targeted linear of each covered layer."""
-    shapes = model.linear_shapes()
-    layers = model.num_layers if lora.layers is None else len(lora.layers)
-    return layers * sum(lora.r * (shapes[m][0] + shapes[m][1]) for m in lora.target_modules) * dtype.itemsize
 
 
 class ManyAdapters:
@@ -61,7 +50,8 @@ class ManyAdapters:
         self.bench = bench
         o, w = bench.o, bench.o.workload
         self.filler = w.adapter_names[max(w.active_adapters, w.num_adapters - o.max_adapters):]
-        self.adapter_bytes = adapter_tensor_bytes(bench.engine.model.config, bench_lora_config(w), bench.engine.model.dtype)
+        first = w.adapter_names[0]  # as the server reads it: in the model's dtype
+        self.adapter_bytes = sum(t.nbytes for t in bench.engine.read_adapter(first, bench.adapter_dirs[first]).parameters())
         self.windows: dict[str, dict[str, ServerStats]] = {MANY: {}, ONE_ADAPTER: {}}  # system -> workload -> its loads
         self.memory: dict[str, int] = {}
         self.whole_run: ServerStats | None = None

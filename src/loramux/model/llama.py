@@ -15,6 +15,7 @@ runs once for both (`merge_parts`); it returns the final hidden states of all ro
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -61,6 +62,14 @@ class StepContext:
     def __init__(self, part: BatchPart, kv: PagedKVCache | None, cos: torch.Tensor, sin: torch.Tensor,
                  generations: AdapterGenerations) -> None:
         self.part, self.kv, self.cos, self.sin, self.generations = part, kv, cos, sin, generations
+
+    @functools.cached_property
+    def decodes_in_place(self) -> bool:
+        """Whether the native kernel can read this part's decode rows' context in place: decided
+        once, on the first layer that asks, for every layer of the step (the layers differ only in
+        their queries, `paged_attention.takes_queries`)."""
+        plan = self.part.attention
+        return paged_attention.reads_in_place(self.kv, plan.decode_slots, plan.decode_mask)
 
 
 Parts = Sequence[StepContext]  # one per part of the step, in the batch's order (graph-building first)
@@ -183,7 +192,7 @@ class Attention(nn.Module):
         decode rows build no graph), else gathered [B, kv_heads, C, D], padded to the longest and
         masked, for one SDPA call (the reference)."""
         plan = ctx.part.attention
-        if not torch.is_grad_enabled() and paged_attention.accepts(q, ctx.kv, plan.decode_slots, plan.decode_mask):
+        if not torch.is_grad_enabled() and ctx.decodes_in_place and paged_attention.takes_queries(q, ctx.kv, plan.decode_slots):
             return paged_attention_native(q, ctx.kv, self.layer_idx, plan.decode_slots, plan.decode_mask)
         keys, values = ctx.kv.gather(self.layer_idx, plan.decode_slots)  # [B, C, kv_heads, D]
         attended = F.scaled_dot_product_attention(

@@ -28,16 +28,30 @@ if TYPE_CHECKING:
 
 def accepts(q: torch.Tensor, kv: PagedKVCache, slots: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether the kernel computes the attention of q [B, H, D] over kv's pools at slots [B, C]
-    where mask [B, 1, 1, C] (else: the gather and SDPA of `Attention._decode`): float32 or bf16
-    alike, D a multiple of 16 (the kernel's vectors), the pools as `PagedKVCache` lays them out."""
+    where mask [B, 1, 1, C] (else: the gather and SDPA of `Attention._decode`): `reads_in_place`
+    (the same for every layer of a step) and `takes_queries`."""
+    return reads_in_place(kv, slots, mask) and takes_queries(q, kv, slots)
+
+
+def reads_in_place(kv: PagedKVCache, slots: torch.Tensor, mask: torch.Tensor) -> bool:
+    """The step's half of `accepts`: the pools on the CPU, float32 or bf16, laid out as
+    `PagedKVCache` lays them, D a multiple of 16 (the kernel's vectors), slots [B, C] and mask
+    [B, 1, 1, C] contiguous, and a kernel built for this CPU."""
     return (
-        q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and q.dim() == 3
-        and q.stride(2) == 1 and q.stride(1) == q.shape[2]
-        and kv.k.dtype == kv.v.dtype == q.dtype and kv.k.is_contiguous() and kv.v.is_contiguous()
-        and kv.k.shape[3] == q.shape[2] and q.shape[2] % 16 == 0 and q.shape[1] % kv.k.shape[2] == 0
-        and slots.dtype == torch.long and slots.is_contiguous() and slots.shape[0] == q.shape[0]
+        kv.k.device.type == "cpu" and kv.k.dtype in (torch.bfloat16, torch.float32) and kv.v.dtype == kv.k.dtype
+        and kv.k.is_contiguous() and kv.v.is_contiguous() and kv.k.shape[3] % 16 == 0
+        and slots.dtype == torch.long and slots.is_contiguous()
         and mask.dtype == torch.bool and mask.is_contiguous() and mask.numel() == slots.numel()
         and portable_library() is not None
+    )
+
+
+def takes_queries(q: torch.Tensor, kv: PagedKVCache, slots: torch.Tensor) -> bool:
+    """A layer's half of `accepts`: q [B, H, D] in the pools' dtype, one row per row of slots,
+    heads contiguous (rows any stride apart), H a multiple of the pools' KV heads."""
+    return (
+        q.dtype == kv.k.dtype and q.dim() == 3 and q.stride(2) == 1 and q.stride(1) == q.shape[2]
+        and q.shape[2] == kv.k.shape[3] and q.shape[1] % kv.k.shape[2] == 0 and q.shape[0] == slots.shape[0]
     )
 
 

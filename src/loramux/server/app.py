@@ -50,7 +50,7 @@ def create_app(engine: Engine, store: Store, settings: Settings | None = None) -
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # recovery is the engine loop's first call (it runs on the main thread, see process.serve)
-        await loop.call(lambda engine: (jobs.recover(settings.max_resident_adapters), resident.make_room(0)))
+        await loop.call(lambda engine: (jobs.recover(), resident.preload(), resident.make_room(0)))
         yield
         loop.stop()
         store.close()

@@ -2,8 +2,8 @@
 
 A job record (OpenAI's `fine_tuning.job` object) is written when the job is created and updated
 from the engine thread after every step (`sync`): status, events, checkpoints, and on success the
-fine-tuned model, which is then in the adapter catalog. After a restart, `recover` reloads the
-catalog's adapters and restarts unfinished jobs, which resume from their latest checkpoint.
+fine-tuned model, which is then in the adapter catalog. After a restart, `recover` restarts the
+unfinished jobs, which resume from their latest checkpoint.
 
 A job's `method` (OpenAI's block, "supervised" or "dpo" with its hyperparameters resolved), its
 `metadata` and the adapter it starts from (`init_from`: a fine-tuned model the request named as its
@@ -172,23 +172,10 @@ class JobService:
         await loop.call(change)
         return self.store.get_job(job_id)
 
-    def recover(self, max_resident: int = 0) -> None:
-        """After a restart: reload the adapter catalog, restart unfinished jobs from their checkpoints.
-        Under a resident limit (`max_resident` > 0) only the catalog's first adapters that fit beside
-        the unfinished jobs' are loaded; the rest load on demand (ResidentAdapters), so a catalog of
-        thousands never sits in memory at once."""
-        unfinished = self.store.jobs_with_status(*UNFINISHED)
-        budget = max(0, max_resident - len(unfinished)) if max_resident else None
-        for name, info in self.store.adapters().items():
-            if info.get("source") == "checkpoint":  # loaded on demand (ResidentAdapters), like evicted adapters
-                continue
-            if budget is not None and len(self.engine.adapters) >= budget:
-                break
-            try:
-                self.engine.load_adapter(name, info["path"])
-            except Exception as e:  # a missing or broken adapter must not keep the server down
-                log.error("adapter %s from the catalog could not be loaded: %s", name, e)
-        for record in unfinished:
+    def recover(self) -> None:
+        """After a restart: restarts the unfinished jobs from their checkpoints (the catalog's other
+        adapters are ResidentAdapters' to load)."""
+        for record in self.store.jobs_with_status(*UNFINISHED):
             self.restart(record)
 
     def restart(self, record: dict) -> None:

@@ -12,6 +12,7 @@ in use in any of those ways.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +23,7 @@ from loramux.server.metrics import Metrics
 from loramux.server.protocol import APIError
 from loramux.server.store import Store
 
+log = logging.getLogger("loramux.server")
 
 class ResidentAdapters:
     """`metrics` observes each load (`loramux_adapter_load_seconds`) and eviction."""
@@ -77,6 +79,21 @@ class ResidentAdapters:
         self.engine.adapters.add(adapter)
         self.added_at[name] = time.monotonic()
         self.metrics.adapter_loads.observe(time.perf_counter() - start)
+
+    def preload(self) -> None:
+        """Engine thread, after a restart (once the unfinished jobs hold their adapters): loads the
+        catalog's adapters in order while they fit under the limit, all of them without one; the
+        rest, and checkpoints, load on demand, so a catalog of thousands never sits in memory at
+        once. An adapter that cannot be read is logged and left to load on demand."""
+        for name, info in self.store.adapters().items():
+            if self.max_resident and len(self.engine.adapters) >= self.max_resident:
+                return
+            if info.get("source") == "checkpoint" or name in self.engine.adapters:
+                continue
+            try:
+                self.add(name, info["path"])
+            except Exception as e:  # a missing or broken adapter must not keep the server down
+                log.error("adapter %s from the catalog could not be loaded: %s", name, e)
 
     def retain_cataloged(self, catalog: set[str], grace_seconds: float) -> list[str]:
         """Engine thread, in a cluster: unregisters the idle resident adapters that are not in
