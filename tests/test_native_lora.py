@@ -1,7 +1,7 @@
 """The native segmented LoRA kernel (lora/segmented_lora): on bf16 rows it adds the deltas the loop
-reference defines, rounded once as torch rounds, in every layout the layer hands it; the layer
-takes it for bf16 decode rows (where the PyTorch path, which rounds twice, stays within bf16
-tolerance of the same reference)."""
+reference defines, rounded once as torch rounds, in every layout the layer hands it, reading the
+packed stack by slot; the layer takes it for bf16 inference rows, decode and prefill (where the
+PyTorch paths, which round twice, stay within bf16 tolerance of the same reference)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from loramux.lora.generations import AdapterGenerations
 from loramux import native
 from loramux.lora.layer import FusedLoraLinear
-from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop
+from loramux.lora.ops import LoraWeights, PackedLora, StackedLora, add_lora_loop
 from loramux.lora.segments import LoraSegments
 from loramux.lora import segmented_lora
 
@@ -63,8 +63,10 @@ LAYOUTS = {
     "segments-with-gaps": (21, [(0, 3, 2), (5, 17, 0), (17, 18, 1)]),
     # decode: one row per sequence, one tile per adapter
     "decode": (6, [(0, 3, 0), (3, 5, 1), (5, 6, 2)]),
-    # a long segment cut into several tiles (a tile's weights gathered once per tile)
-    "several-tiles": (110, [(0, 100, 0), (100, 103, 1), (103, 110, 2)]),
+    # a prefill chunk: a long segment of many 8-row chunks
+    "long-segment": (110, [(0, 100, 0), (100, 103, 1), (103, 110, 2)]),
+    # slots out of order, and one the stack has no adapter in on some projections
+    "slots-out-of-order": (9, [(0, 2, 2), (2, 7, 1), (7, 9, 0)]),
 }
 
 
@@ -74,12 +76,12 @@ def test_kernel_adds_the_reference_deltas_rounded_once(layout):
     num_rows, segments = LAYOUTS[layout]
     seg = LoraSegments.from_segments(num_rows, segments)
     adapters = _adapters()
-    tiles = StackedLora.build_fused([(adapters[name], out) for name, out in OUTS], IN).tiles(seg, torch.bfloat16)
+    packed = PackedLora.build_fused([(adapters[name], out) for name, out in OUTS], IN)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(num_rows, IN, generator=g).bfloat16()
     y = torch.randn(num_rows, sum(out for _, out in OUTS), generator=g).bfloat16()
-    assert segmented_lora.accepts(y, x, tiles.A, tiles.B)
-    got = segmented_lora.add_lora_native(y.clone(), x, seg, tiles.A, tiles.B, tiles.blocks)
+    assert segmented_lora.accepts(y, x)
+    got = segmented_lora.add_lora_native(y.clone(), x, seg.spans, packed)
     assert_rounded_once(got, _expected(y, x, seg, adapters))
     covered = torch.zeros(num_rows, dtype=torch.bool)
     for start, end, _ in segments:
@@ -87,14 +89,24 @@ def test_kernel_adds_the_reference_deltas_rounded_once(layout):
     assert torch.equal(got[~covered], y[~covered])  # rows of no adapter: untouched, bit for bit
 
 
-@needs_kernel
-def test_blocks_are_the_projections_rank_rows_and_columns():
-    stacked = StackedLora.build_fused([(_adapters()[name], out) for name, out in OUTS], IN)
-    assert stacked.blocks.tolist() == [[0, 8, 0, 50], [8, 32, 50, 80], [32, 72, 80, 100]]
+def test_the_packed_stack_holds_the_blocks_of_the_block_diagonal_stack_and_nothing_else():
+    """PackedLora keeps, per slot, exactly the nonzero blocks of StackedLora's B (the float32 stack
+    the PyTorch paths read), in bf16: rank rows k0..k1 and columns c0..c1, row-major at `off`."""
+    projections = [(_adapters()[name], out) for name, out in OUTS]
+    packed, stacked = PackedLora.build_fused(projections, IN), StackedLora.build_fused(projections, IN)
+    assert packed.blocks.tolist() == [[0, 8, 0, 50, 0], [8, 32, 50, 80, 400], [32, 72, 80, 100, 1120]]
+    assert packed.B.shape == (3, 8 * 50 + 24 * 30 + 40 * 20) and packed.A_t.dtype == packed.B.dtype == torch.bfloat16
+    assert torch.equal(packed.A_t, stacked.A_t.bfloat16())
+    for slot in range(3):
+        rebuilt = torch.zeros_like(stacked.B_t[slot])
+        for k0, k1, c0, c1, off in packed.blocks.tolist():
+            rebuilt[k0:k1, c0:c1] = packed.B[slot, off : off + (k1 - k0) * (c1 - c0)].view(k1 - k0, c1 - c0).float()
+        assert torch.equal(rebuilt, stacked.B_t[slot].bfloat16().float())
 
 
 @needs_kernel
-def test_layer_takes_the_kernel_for_bf16_decode_rows_and_agrees_with_the_pytorch_path():
+@pytest.mark.parametrize("layout", ["decode", "long-segment"])
+def test_layer_takes_the_kernel_for_bf16_inference_rows_and_agrees_with_the_pytorch_path(layout):
     layer = FusedLoraLinear(IN, OUTS, bias=True, layer_idx=0).bfloat16()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -104,22 +116,43 @@ def test_layer_takes_the_kernel_for_bf16_decode_rows_and_agrees_with_the_pytorch
     for name, by_slot in adapters.items():
         for slot, w in by_slot.items():
             layer.projections[name].set_adapter(slot, w)
-    seg = LoraSegments.from_segments(6, LAYOUTS["decode"][1])
-    x = torch.randn(6, IN, generator=g).bfloat16()
+    num_rows, segments = LAYOUTS[layout]
+    seg = LoraSegments.from_segments(num_rows, segments)
+    x = torch.randn(num_rows, IN, generator=g).bfloat16()
     calls = mock.Mock(wraps=segmented_lora.add_lora_native)
     with torch.no_grad(), mock.patch("loramux.lora.layer.add_lora_native", calls):
         got = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
         assert calls.call_count == 1
-        with mock.patch.object(segmented_lora, "tile_dtype", lambda x: None), mock.patch.object(segmented_lora, "accepts", lambda *a: False):
+        with mock.patch.object(segmented_lora, "accepts", lambda *a: False):
             pytorch_path = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
         assert calls.call_count == 1
     expected = _expected(torch.nn.functional.linear(x, layer.weight, layer.bias), x, seg, adapters)
     assert_rounded_once(got, expected)
-    # the PyTorch path rounds the deltas to bf16 before adding them to these (padded) tiles' rows
+    # the PyTorch paths round the base output and the deltas to bf16 apart before adding them
     torch.testing.assert_close(pytorch_path.double(), expected.double(), rtol=2**-6, atol=2**-8 * expected.abs().max().item())
+
+
+@needs_kernel
+def test_a_batch_with_adapters_that_skip_this_linear_reads_only_the_stack_slots_it_has():
+    """Slot 5's adapter targets other linears: its rows get the base output alone, and the kernel
+    never reads past the stack (which has slots 0-2 only)."""
+    layer = FusedLoraLinear(IN, OUTS, bias=False, layer_idx=0).bfloat16()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(3)))
+    adapters = _adapters()
+    for name, by_slot in adapters.items():
+        for slot, w in by_slot.items():
+            layer.projections[name].set_adapter(slot, w)
+    seg = LoraSegments.from_segments(8, [(0, 3, 5), (3, 6, 0), (6, 8, 1)])
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(4)).bfloat16()
+    with torch.no_grad():
+        got = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
+    base = torch.nn.functional.linear(x, layer.weight)
+    assert layer.stacked(AdapterGenerations(), PackedLora).A_t.shape[0] == 3
+    assert torch.equal(got[:3], base[:3])
+    assert_rounded_once(got, _expected(base, x, seg, adapters))
 
 
 def test_float32_rows_keep_the_pytorch_path():
     x = torch.zeros(2, IN)
-    assert segmented_lora.tile_dtype(x) is None
-    assert not segmented_lora.accepts(x, x, x, x)
+    assert not segmented_lora.accepts(x, x)

@@ -17,7 +17,7 @@ from the server's histogram `loramux_adapter_load_seconds`, mean, evictions), an
 resident adapter: its tensor bytes (the first adapter as the server reads it), and the server's resident
 memory growth, per adapter, from loading the filler adapters first (nothing evicted yet) and
 serving a request on each, all at once (so the engine has made its stacked copies of their
-weights, lora/ops.StackedLora).
+weights, lora/ops.PackedLora or StackedLora).
 
 The in-process engine and transformers + PEFT are left out: neither has a resident limit, so they
 would hold all N adapters at once; so is vLLM (options.py refuses --vllm-python here).
@@ -149,5 +149,5 @@ class ManyAdapters:
                      "the mean is exact. RSS growth: the server's resident memory after the first adapters were loaded "
                      "through the API, up to the limit, and served one 8-token request each at once, less before (after "
                      "a warm-up on the base model), per adapter: the adapter's tensors, the engine's stacked copy of them "
-                     "(float32, lora/ops.StackedLora) and a KV block.")
+                     "(lora/ops: bf16 PackedLora where the native LoRA kernel runs, else float32 StackedLora) and a KV block.")
         return [table, cold]

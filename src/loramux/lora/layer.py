@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from loramux.lora.generations import AdapterGenerations
-from loramux.lora.ops import LoraWeights, StackedLora, TileWeights, add_lora_group, add_lora_stacked, add_lora_tiled
+from loramux.lora.ops import LoraWeights, PackedLora, StackedLora, TileWeights, add_lora_group, add_lora_stacked, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 from loramux.lora.prepacked import FrozenLinear
 from loramux.lora import segmented_lora
@@ -61,11 +61,12 @@ class FusedLoraLinear(nn.Module):
 
     Rows that build graphs join the group's adapters on the fly from their own A and B, so that
     autograd reaches them (`add_lora_group`). Other rows use one stacked copy of all adapters of
-    the group (`StackedLora`: A of all projections concatenated, B block-diagonal, scale folded
-    in). Either way each segment costs two matmuls for the whole group; with one tile per segment
-    or many segments, two batched matmuls serve all of them (for bf16 rows on CPUs with AVX-512,
-    one call of the native kernel, `lora/segmented_lora`), against the tiles' weights gathered
-    from the stacked copy and kept while the tiles' slots stay the same.
+    the group (A of all projections concatenated, B block-diagonal, scale folded in). Either way
+    each segment costs two matmuls for the whole group. bf16 rows on CPUs with AVX-512 take one
+    call of the native kernel (`lora/segmented_lora`), which reads a bf16 `PackedLora` in place by
+    slot; other rows a float32 `StackedLora`: with one tile per segment or many segments, two
+    batched matmuls serve all of them, against the tiles' weights gathered from the stack and kept
+    while the tiles' slots stay the same. A linear holds one stack, of the kind its rows take.
     """
 
     def __init__(self, in_features: int, outputs: Sequence[tuple[str, int]], bias: bool, layer_idx: int) -> None:
@@ -83,11 +84,11 @@ class FusedLoraLinear(nn.Module):
             offset += size
         self.projection_list = tuple(self.projections.values())
         self._slots: frozenset[int] = frozenset()  # slots with an adapter on any projection
-        self._stacked: StackedLora | None = None
+        self._stacked: StackedLora | PackedLora | None = None
         self._stacked_version = -1  # the generations' version the stack is current at
         self._stacked_from: dict[int, int] = {}  # slot -> the generation its stacked rows were written from
         self._changed: set[int] = set()  # slots installed or removed here since the stack was written
-        self._tiles: tuple[tuple, TileWeights] | None = None  # (latest generation of the tiles' slots, tile slots, dtype), weights
+        self._tiles: tuple[tuple, TileWeights] | None = None  # (latest generation of the tiles' slots, tile slots), weights
 
     def adapters_changed(self, slot: int) -> None:
         """A projection's adapter in `slot` was installed or removed: its stacked rows are rewritten
@@ -101,17 +102,20 @@ class FusedLoraLinear(nn.Module):
         """y [T, out_features] -> each projection's output [T, out_i], views in `outputs` order."""
         return y.split(self.sizes, dim=-1)
 
-    def stacked(self, generations: AdapterGenerations) -> StackedLora:
-        """The group's adapters stacked by slot. Only the slots installed or removed here, or whose
-        generation moved (weights updated in place), are rewritten: with 64 adapters, a rebuild of
-        every slot stalled the next step by seconds after any adapter load or optimizer step. The
-        stack is rebuilt whole when adapters outgrow it."""
-        if self._stacked is not None and self._stacked_version == generations.version:
+    def stacked(self, generations: AdapterGenerations, kind: type[StackedLora | PackedLora] = StackedLora) -> StackedLora | PackedLora:
+        """The group's adapters stacked by slot, as `kind` lays them out. Only the slots installed
+        or removed here, or whose generation moved (weights updated in place), are rewritten: with
+        64 adapters, a rebuild of every slot stalled the next step by seconds after any adapter
+        load or optimizer step. The stack is rebuilt whole when adapters outgrow it (or for
+        another kind, which a model whose rows keep one dtype never asks for)."""
+        current = type(self._stacked) is kind
+        if current and self._stacked_version == generations.version:
             return self._stacked
         projections = [(p.adapters, p.out_features) for p in self.projection_list]
         sources = {slot: generations.of(slot) for slot in self._slots}
-        if self._stacked is None or not self._stacked.fits(projections):
-            self._stacked = StackedLora.build_fused(projections, self.in_features)
+        if not current or not self._stacked.fits(projections):
+            self._stacked = kind.build_fused(projections, self.in_features)
+            self._tiles = None
         else:
             self._stacked.write(projections, [s for s in sources.keys() | self._stacked_from.keys()
                                               if s in self._changed or sources.get(s) != self._stacked_from.get(s)])
@@ -119,14 +123,14 @@ class FusedLoraLinear(nn.Module):
         self._changed.clear()
         return self._stacked
 
-    def tiles(self, segments: LoraSegments, generations: AdapterGenerations, dtype: torch.dtype | None = None) -> TileWeights:
-        """Each tile's stacked weights (in `dtype`, default the stack's), kept for the next step: from
-        one decode step to the next the tiles' slots rarely change, and gathering them costs more
-        than the deltas themselves. They are kept across changes to other slots (an optimizer step
-        on an adapter no tile uses leaves them current)."""
-        key = (generations.latest(segments.slots), segments.tile_slot_key, dtype)
+    def tiles(self, segments: LoraSegments, generations: AdapterGenerations) -> TileWeights:
+        """Each tile's weights from the float32 stack, kept for the next step: from one decode step
+        to the next the tiles' slots rarely change, and gathering them costs more than the deltas
+        themselves. They are kept across changes to other slots (an optimizer step on an adapter no
+        tile uses leaves them current)."""
+        key = (generations.latest(segments.slots), segments.tile_slot_key)
         if self._tiles is None or self._tiles[0] != key:
-            self._tiles = key, self.stacked(generations).tiles(segments, dtype)
+            self._tiles = key, self.stacked(generations).tiles(segments)
         return self._tiles[1]
 
     def base_parts(self, xs: Sequence[torch.Tensor], builds_graph: Sequence[bool]) -> list[torch.Tensor]:
@@ -155,12 +159,11 @@ class FusedLoraLinear(nn.Module):
             return y
         if builds_graph or torch.is_grad_enabled():
             return add_lora_group(y, x, segments, [p.adapters for p in self.projection_list], self.sizes, training=builds_graph)
+        if segmented_lora.accepts(y, x):
+            return add_lora_native(y, x, segments.spans_of(self._slots), self.stacked(generations, PackedLora))
         tiled = segments.one_tile_per_segment or len(segments.segments) >= TILED_MIN_SEGMENTS
         if tiled and self._slots.issuperset(segments.slots):
-            tiles = self.tiles(segments, generations, segmented_lora.tile_dtype(x))
-            if segmented_lora.accepts(y, x, tiles.A, tiles.B):
-                return add_lora_native(y, x, segments, tiles.A, tiles.B, tiles.blocks)
-            return add_lora_tiled(y, x, segments, tiles)
+            return add_lora_tiled(y, x, segments, self.tiles(segments, generations))
         return add_lora_stacked(y, x, segments, self.stacked(generations), self._slots)
 
 

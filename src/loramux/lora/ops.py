@@ -4,7 +4,8 @@ For every segment (start, end, slot) and every row r in [start, end):
 
     y[r] += scale[slot] * B[slot] @ (A[slot] @ dropout(x[r]))        A: [rank, in], B: [out, rank]
 
-Four implementations compute the same thing:
+Four implementations in PyTorch compute the same thing (and, for bf16 inference rows, one native
+kernel, lora/segmented_lora, reading a `PackedLora`):
 
 - `add_lora_loop`: one pair of matmuls per segment. The plain reference.
 - `add_lora_group`: the path for rows that build autograd graphs (few adapters with long
@@ -44,51 +45,36 @@ class LoraWeights:
         return self.A.shape[0]
 
 
-@dataclass(frozen=True)
-class StackedLora:
+class _SlotStack:
     """All adapters of one linear (or of a fused group of projections sharing one input, see
-    `build_fused`) stacked by slot, padded to the largest rank, scale folded into B.
+    `build_fused`) stacked by slot, padded to each projection's largest rank, scale folded into B;
+    slots without an adapter on this linear are all zeros. Subclasses lay B out for their kernels.
 
-    A_t: [num_slots, in, sum(ranks)]    (A transposed, zero columns past each adapter's rank)
-    B_t: [num_slots, sum(ranks), out]   (scale * B transposed, zero rows past each adapter's rank)
+    A_t: [num_slots, in, sum(ranks)]   (A transposed; projection i's in rank columns [k0_i, k0_i + ranks[i]))
     ranks: the rank columns each projection has (at least its largest adapter's rank).
-    blocks: [n, 4] long on the CPU, (k0, k1, c0, c1) per projection with rank columns: the only
-    rows and columns of B_t that may be nonzero (B_t is block-diagonal for a fused group).
-    Slots without an adapter on this linear are all zeros. Kept in float32 at least: for bf16
-    models the deltas are computed in float32 and rounded once when added (on CPU, small bf16
-    matmuls cost about twice their float32 counterparts, and the result is closer to exact).
     """
 
     A_t: torch.Tensor
-    B_t: torch.Tensor
     ranks: tuple[int, ...]
-    blocks: torch.Tensor
 
     @classmethod
-    def build(cls, weights: Mapping[int, LoraWeights], in_features: int, out_features: int) -> StackedLora:
+    def build(cls, weights: Mapping[int, LoraWeights], in_features: int, out_features: int):
         return cls.build_fused([(weights, out_features)], in_features)
 
     @classmethod
-    def build_fused(cls, projections: Sequence[tuple[Mapping[int, LoraWeights], int]], in_features: int) -> StackedLora:
+    def build_fused(cls, projections: Sequence[tuple[Mapping[int, LoraWeights], int]], in_features: int):
         """Projections sharing one input, each (its adapters by slot, its out_features), output
-        columns concatenated in this order. Projection i gets rank columns [r_i, r_i + max rank on
-        it) of A_t and the matching rows of B_t, which are zero outside its own output columns:
+        columns concatenated in this order. Projection i gets rank columns [k0_i, k0_i + ranks[i])
+        of A_t, and B's rows of those columns are zero outside its own output columns:
 
-        A_t[slot] = [A_0.T | A_1.T | ...]          [in, sum of max ranks]
-        B_t[slot] = blockdiag(s B_0.T, s B_1.T, ...) [sum of max ranks, sum of out_features]
+        A_t[slot] = [A_0.T | A_1.T | ...]              [in, sum of max ranks]
+        B[slot]   = blockdiag(s B_0.T, s B_1.T, ...)   [sum of max ranks, sum of out_features]
         """
         any_w = next(w for weights, _ in projections for w in weights.values())
         num_slots, ranks = _layout(projections)
-        kw = dict(dtype=torch.promote_types(any_w.A.dtype, torch.float32), device=any_w.A.device)
-        blocks, k0, c0 = [], 0, 0
-        for rank, (_, out) in zip(ranks, projections):
-            if rank:
-                blocks.append((k0, k0 + rank, c0, c0 + out))
-            k0, c0 = k0 + rank, c0 + out
         with torch.inference_mode(False):  # normal tensors: `write` updates them in place in any mode
-            stacked = cls(torch.zeros(num_slots, in_features, sum(ranks), **kw),
-                          torch.zeros(num_slots, sum(ranks), sum(out for _, out in projections), **kw), ranks,
-                          torch.tensor(blocks, dtype=torch.long).reshape(len(blocks), 4))
+            stacked = cls._allocate(num_slots, in_features, ranks, [out for _, out in projections],
+                                    cls._dtype(any_w.A.dtype), any_w.A.device)
         stacked.write(projections, range(num_slots))
         return stacked
 
@@ -103,20 +89,106 @@ class StackedLora:
         with torch.no_grad():
             for slot in slots:
                 self.A_t[slot].zero_()
-                self.B_t[slot].zero_()
-            r0 = c0 = 0
+                self._b_of(slot).zero_()
+            k0 = c0 = off = 0
             for (weights, out), rank in zip(projections, self.ranks):
                 for slot in slots:
                     w = weights.get(slot)
                     if w is not None:
-                        self.A_t[slot, :, r0 : r0 + w.rank] = w.A.T
-                        self.B_t[slot, r0 : r0 + w.rank, c0 : c0 + out] = w.scale * w.B.T
-                r0, c0 = r0 + rank, c0 + out
+                        self.A_t[slot, :, k0 : k0 + w.rank] = w.A.T
+                        self._block(slot, k0, c0, off, rank, out)[: w.rank] = w.scale * w.B.T.to(torch.promote_types(w.B.dtype, torch.float32))
+                k0, c0, off = k0 + rank, c0 + out, off + rank * out
 
-    def tiles(self, segments: LoraSegments, dtype: torch.dtype | None = None) -> TileWeights:
-        """Every tile's weights, gathered (copied) by its slot, in `dtype` (default: the stack's)."""
-        A, B = self.A_t[segments.tile_slots], self.B_t[segments.tile_slots]
-        return TileWeights(A.to(dtype or A.dtype), B.to(dtype or B.dtype), self.blocks)
+    @classmethod
+    def _dtype(cls, adapter_dtype: torch.dtype) -> torch.dtype:
+        raise NotImplementedError
+
+    @classmethod
+    def _allocate(cls, num_slots: int, in_features: int, ranks: tuple[int, ...], outs: list[int], dtype: torch.dtype,
+                  device: torch.device):
+        raise NotImplementedError
+
+    def _b_of(self, slot: int) -> torch.Tensor:
+        """All of B[slot], as stored."""
+        raise NotImplementedError
+
+    def _block(self, slot: int, k0: int, c0: int, off: int, rank: int, out: int) -> torch.Tensor:
+        """Projection i's block of B[slot], [rank_i, out_i], a view; k0, c0: its first rank row and
+        output column in the block-diagonal B, off: rank_i * out_i summed over the projections before it."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class StackedLora(_SlotStack):
+    """The stack for the PyTorch paths (`add_lora_stacked`, `add_lora_tiled`): B whole, zeros and all.
+
+    B_t: [num_slots, sum(ranks), out]   (scale * B transposed, block-diagonal for a fused group)
+
+    Kept in float32 at least: for bf16 rows the deltas are computed in float32 and rounded once
+    when added (on CPU, small bf16 matmuls cost about twice their float32 counterparts, and the
+    result is closer to exact).
+    """
+
+    A_t: torch.Tensor
+    B_t: torch.Tensor
+    ranks: tuple[int, ...]
+
+    @classmethod
+    def _dtype(cls, adapter_dtype: torch.dtype) -> torch.dtype:
+        return torch.promote_types(adapter_dtype, torch.float32)
+
+    @classmethod
+    def _allocate(cls, num_slots, in_features, ranks, outs, dtype, device) -> StackedLora:
+        return cls(torch.zeros(num_slots, in_features, sum(ranks), dtype=dtype, device=device),
+                   torch.zeros(num_slots, sum(ranks), sum(outs), dtype=dtype, device=device), ranks)
+
+    def _b_of(self, slot: int) -> torch.Tensor:
+        return self.B_t[slot]
+
+    def _block(self, slot, k0, c0, off, rank, out) -> torch.Tensor:
+        return self.B_t[slot, k0 : k0 + rank, c0 : c0 + out]
+
+    def tiles(self, segments: LoraSegments) -> TileWeights:
+        """Every tile's weights, gathered (copied) by its slot."""
+        return TileWeights(self.A_t[segments.tile_slots], self.B_t[segments.tile_slots])
+
+
+@dataclass(frozen=True)
+class PackedLora(_SlotStack):
+    """The stack the native kernel reads by slot (lora/segmented_lora): bf16, and of B only the
+    projections' blocks, so a slot costs its adapter's own bytes (plus rank padding).
+
+    B: [num_slots, sum(rank_i * out_i)]: projection i's block (scale * B_i.T, [rank_i, out_i]),
+       row-major at offset `off` of each slot's row
+    blocks: [n, 5] long on the CPU, (k0, k1, c0, c1, off) per projection with rank columns: its rank
+       rows and output columns in the block-diagonal B, and where its block lies.
+    """
+
+    A_t: torch.Tensor
+    B: torch.Tensor
+    ranks: tuple[int, ...]
+    blocks: torch.Tensor
+
+    @classmethod
+    def _dtype(cls, adapter_dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16
+
+    @classmethod
+    def _allocate(cls, num_slots, in_features, ranks, outs, dtype, device) -> PackedLora:
+        blocks, k0, c0, off = [], 0, 0, 0
+        for rank, out in zip(ranks, outs):
+            if rank:
+                blocks.append((k0, k0 + rank, c0, c0 + out, off))
+            k0, c0, off = k0 + rank, c0 + out, off + rank * out
+        return cls(torch.zeros(num_slots, in_features, sum(ranks), dtype=dtype, device=device),
+                   torch.zeros(num_slots, off, dtype=dtype, device=device), ranks,
+                   torch.tensor(blocks, dtype=torch.long).reshape(len(blocks), 5))
+
+    def _b_of(self, slot: int) -> torch.Tensor:
+        return self.B[slot]
+
+    def _block(self, slot, k0, c0, off, rank, out) -> torch.Tensor:
+        return self.B[slot, off : off + rank * out].view(rank, out)
 
 
 def _layout(projections: Sequence[tuple[Mapping[int, LoraWeights], int]]) -> tuple[int, tuple[int, ...]]:
@@ -127,12 +199,10 @@ def _layout(projections: Sequence[tuple[Mapping[int, LoraWeights], int]]) -> tup
 
 @dataclass(frozen=True)
 class TileWeights:
-    """The stacked weights of each tile's slot: A [n_tiles, in, max_rank], B [n_tiles, max_rank, out];
-    blocks: the stack's (`StackedLora.blocks`)."""
+    """The stacked weights of each tile's slot: A [n_tiles, in, max_rank], B [n_tiles, max_rank, out]."""
 
     A: torch.Tensor
     B: torch.Tensor
-    blocks: torch.Tensor
 
 
 def add_lora_loop(

@@ -27,8 +27,8 @@ class LoraSegments:
                 made once per step: every layer compares it with the tiles its kept weights are for.
     valid:      [n_valid] long, flat positions of tile_rows that hold real rows.
     valid_rows: [n_valid] long, tile_rows.flatten()[valid].
-    tile_spans: [n_tiles, 3] long, (first row, end row, tile index) of each tile: its real rows are
-                contiguous (the native kernel's segments, lora/segmented_lora).
+    spans:      [n_segments, 3] long on the CPU, `segments` as a tensor (the native kernel's,
+                lora/segmented_lora).
     dense:      tile_rows is every row of the batch, in order, without padding (x needs no gather).
     """
 
@@ -39,7 +39,7 @@ class LoraSegments:
     tile_slots: torch.Tensor
     valid: torch.Tensor
     valid_rows: torch.Tensor
-    tile_spans: torch.Tensor
+    spans: torch.Tensor
     slots: frozenset[int]
     tile_slot_key: tuple[int, ...]
     dense: bool
@@ -48,6 +48,12 @@ class LoraSegments:
     def one_tile_per_segment(self) -> bool:
         """No slot repeats in tile_slots (each adapter's stacked weights are gathered once)."""
         return len(self.tile_slot_key) == len(self.segments)
+
+    def spans_of(self, slots: frozenset[int]) -> torch.Tensor:
+        """`spans` of the segments whose slot is in `slots`."""
+        if slots.issuperset(self.slots):
+            return self.spans
+        return torch.tensor([s for s in self.segments if s[2] in slots], dtype=torch.long).reshape(-1, 3)
 
     @classmethod
     def from_spans(
@@ -85,12 +91,10 @@ class LoraSegments:
             tile = min(MAX_TILE, max(MIN_TILE, 1 << max(mean - 1, 0).bit_length()))
         tile_rows: list[list[int]] = []
         tile_slots: list[int] = []
-        tile_spans: list[tuple[int, int, int]] = []
         is_real: list[bool] = []
         for start, end, slot in segments:
             for t in range(start, end, tile):
                 rows = list(range(t, min(t + tile, end)))
-                tile_spans.append((t, t + len(rows), len(tile_rows)))
                 tile_rows.append(rows + [t] * (tile - len(rows)))
                 tile_slots.append(slot)
                 is_real.extend([True] * len(rows) + [False] * (tile - len(rows)))
@@ -104,7 +108,7 @@ class LoraSegments:
             tile_slots=torch.tensor(tile_slots, dtype=torch.long, device=device),
             valid=valid.to(device),
             valid_rows=flat[valid].to(device),
-            tile_spans=torch.tensor(tile_spans, dtype=torch.long).reshape(len(tile_spans), 3),
+            spans=torch.tensor(segments, dtype=torch.long).reshape(len(segments), 3),
             slots=frozenset(slots),
             tile_slot_key=tuple(tile_slots),
             dense=all(is_real) and flat.tolist() == list(range(num_rows)),

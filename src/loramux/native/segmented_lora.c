@@ -2,10 +2,12 @@
  *
  * For every segment (start, end, w):   y[start:end] += (x[start:end] @ A[w]) @ B[w]
  *
- *   x: [T, in], y: [T, out]        bfloat16, row-major, contiguous
- *   A: [W, in, R], B: [W, R, out]  bfloat16, contiguous (the tiles' stacked weights)
- *   blocks: n_blocks x (k0, k1, c0, c1): B[w] is read only in rows k0..k1 x columns c0..c1 of each
- *           block (a fused group's projections: B is block-diagonal, the rest is zeros)
+ *   x: [T, in], y: [T, out]     bfloat16, row-major, contiguous
+ *   A: [S, in, R]               bfloat16, contiguous: every slot's A, read at slot w
+ *   B: [S, b_stride]            bfloat16, contiguous: every slot's B, packed by block
+ *   blocks: n_blocks x (k0, k1, c0, c1, off): B[w] is block-diagonal (a fused group's projections)
+ *           and only its blocks are stored: rows k0..k1 x columns c0..c1 of B[w] lie row-major,
+ *           (k1 - k0) x (c1 - c0), at B + w * b_stride + off
  *   h: [T, R] float32 scratch
  *
  * Everything is computed in float32 and y rounded once, to nearest even as torch rounds.
@@ -21,7 +23,7 @@
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 void loramux_add_lora_segments(const uint16_t *x, uint16_t *y, int64_t in, int64_t out,
-                               const uint16_t *A, const uint16_t *B, int64_t R,
+                               const uint16_t *A, const uint16_t *B, int64_t R, int64_t b_stride,
                                const int64_t *blocks, int64_t n_blocks,
                                const int64_t *segments, int64_t n_segments, float *h) {
     /* work items: ROWS-row chunks of the segments; the expand also splits columns in 64s */
@@ -60,23 +62,24 @@ void loramux_add_lora_segments(const uint16_t *x, uint16_t *y, int64_t in, int64
 
     /* y += h @ B, block by block, 64 output columns per work item */
     int64_t n_pieces = 0;
-    for (int64_t b = 0; b < n_blocks; b++) n_pieces += (blocks[4 * b + 3] - blocks[4 * b + 2] + 63) / 64;
+    for (int64_t b = 0; b < n_blocks; b++) n_pieces += (blocks[5 * b + 3] - blocks[5 * b + 2] + 63) / 64;
     int64_t piece_block[n_pieces > 0 ? n_pieces : 1], piece_col[n_pieces > 0 ? n_pieces : 1];
     for (int64_t b = 0, p = 0; b < n_blocks; b++)
-        for (int64_t col = blocks[4 * b + 2]; col < blocks[4 * b + 3]; col += 64) { piece_block[p] = b; piece_col[p++] = col; }
+        for (int64_t col = blocks[5 * b + 2]; col < blocks[5 * b + 3]; col += 64) { piece_block[p] = b; piece_col[p++] = col; }
     #pragma omp parallel for schedule(static)
     for (int64_t it = 0; it < n_chunks * n_pieces; it++) {
         const int64_t c = it / n_pieces, s = chunk_segment[c], r0 = chunk_row[c];
-        const int64_t *blk = blocks + 4 * piece_block[it % n_pieces];
+        const int64_t *blk = blocks + 5 * piece_block[it % n_pieces];
         const int64_t col0 = piece_col[it % n_pieces], col1 = min64(col0 + 64, blk[3]);
         const int n = (int)min64(segments[3 * s + 1] - r0, ROWS);
-        const int64_t b0 = segments[3 * s + 2] * R * out;
+        const int64_t width = blk[3] - blk[2];
+        const uint16_t *b0 = B + segments[3 * s + 2] * b_stride + blk[4] - blk[2]; /* + (k - k0) * width + col */
         for (int64_t col = col0; col < col1; col += 16) {
             const __mmask16 m = lanes(col1 - col);
             __m512 acc[ROWS];
             for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
             for (int64_t k = blk[0]; k < blk[1]; k++) {
-                const __m512 bv = load_bf16(B + b0 + k * out + col, m);
+                const __m512 bv = load_bf16(b0 + (k - blk[0]) * width + col, m);
                 for (int r = 0; r < n; r++) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(h[(r0 + r) * R + k]), bv, acc[r]);
             }
             for (int r = 0; r < n; r++) {
