@@ -39,6 +39,20 @@ def test_slots_follow_the_block_table():
     assert kv.blocks_for(0) == 0 and kv.blocks_for(4) == 1 and kv.blocks_for(5) == 2
 
 
+def test_context_slots_of_many_sequences_are_their_slots_padded_and_masked():
+    """Hand-computed: block size 4; a table longer than its sequence needs (a block held ahead)."""
+    config = ours_from_hf(make_tiny_hf()).config
+    kv = PagedKVCache(config, num_blocks=6, block_size=4, dtype=torch.float32, device="cpu")
+    slots, mask = kv.context_slots([[5, 0, 3], [2], [4, 1]], [10, 3, 5])
+    assert slots.shape == mask.shape == (3, 10) and slots.is_contiguous()
+    assert slots[0].tolist() == [20, 21, 22, 23, 0, 1, 2, 3, 12, 13]
+    assert slots[1, :3].tolist() == [8, 9, 10] and slots[2, :5].tolist() == [16, 17, 18, 19, 4]
+    assert mask.tolist() == [[True] * 10, [True] * 3 + [False] * 7, [True] * 5 + [False] * 5]
+    assert all(0 <= s < kv.num_blocks * kv.block_size for s in slots.flatten().tolist())  # padding too: in the pool
+    empty_slots, empty_mask = kv.context_slots([], [])
+    assert empty_slots.shape == empty_mask.shape == (0, 0)
+
+
 def test_sized_from_memory():
     config = ours_from_hf(make_tiny_hf()).config
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4

@@ -172,7 +172,8 @@ def _build_part(chunks: list[Chunk], builds_graph: bool, kv: PagedKVCache | None
     write_rows: list[int] = []
     write_slots: list[int] = []
     decode_rows: list[int] = []
-    decode_contexts: list[list[int]] = []
+    decode_tables: list[Sequence[int]] = []
+    decode_lengths: list[int] = []
     spans: list[Span] = []
     for c in chunks:
         start = len(ids)
@@ -184,22 +185,24 @@ def _build_part(chunks: list[Chunk], builds_graph: bool, kv: PagedKVCache | None
             continue
         write_rows.extend(range(start, len(ids)))
         write_slots.extend(kv.slots(list(c.block_table), c.start_pos, c.end_pos))
-        context = kv.slots(list(c.block_table), 0, c.end_pos)
         if len(c.token_ids) == 1:
             decode_rows.append(start)
-            decode_contexts.append(context)
+            decode_tables.append(c.block_table)
+            decode_lengths.append(c.end_pos)
         else:
-            spans.append(Span(start, len(ids), c.start_pos, torch.tensor(context, dtype=torch.long, device=device)))
-    width = max((len(ctx) for ctx in decode_contexts), default=0)
-    padded = [ctx + [0] * (width - len(ctx)) for ctx in decode_contexts]
-    mask = [[True] * len(ctx) + [False] * (width - len(ctx)) for ctx in decode_contexts]
+            context, _ = kv.context_slots([c.block_table], [c.end_pos], device)
+            spans.append(Span(start, len(ids), c.start_pos, context[0]))
+    if decode_rows:
+        decode_slots, decode_mask = kv.context_slots(decode_tables, decode_lengths, device)
+    else:
+        decode_slots, decode_mask = torch.zeros(0, 0, dtype=torch.long, device=device), torch.zeros(0, 0, dtype=torch.bool, device=device)
     long = dict(dtype=torch.long, device=device)
     attention = AttentionPlan(
         write_rows=torch.tensor(write_rows, **long),
         write_slots=torch.tensor(write_slots, **long),
         decode_rows=torch.tensor(decode_rows, **long),
-        decode_slots=torch.tensor(padded, **long).reshape(len(padded), width),
-        decode_mask=torch.tensor(mask, dtype=torch.bool, device=device).reshape(len(mask), 1, 1, width),
+        decode_slots=decode_slots,
+        decode_mask=decode_mask.reshape(len(decode_rows), 1, 1, decode_mask.shape[1]),
         spans=tuple(spans),
         writes_all_rows=write_rows == list(range(len(ids))),
         decodes_all_rows=decode_rows == list(range(len(ids))),

@@ -11,6 +11,8 @@ cost page faults each time (docs/benchmarks.md, paged attention).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from loramux.config import ModelConfig
@@ -51,6 +53,21 @@ class PagedKVCache:
         """Slot ids of positions [start, end) of a sequence."""
         bs = self.block_size
         return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def context_slots(self, block_tables: Sequence[Sequence[int]], lengths: Sequence[int],
+                      device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots of positions [0, lengths[i]) of each sequence i, from its block table (covering
+        at least those positions), padded to the longest: (slots [n, C] long, mask [n, C] bool, True
+        on real positions), C = max(lengths). Computed as tensors, one row of blocks per sequence,
+        not position by position in Python: a step's cost stays O(blocks) as contexts grow. The
+        padding holds slots of the pool (whatever they contain): readers must honour the mask."""
+        n, width = len(lengths), max(lengths, default=0)
+        widest = max((len(t) for t in block_tables), default=0)
+        tables = torch.tensor([[*t, *[0] * (widest - len(t))] for t in block_tables], dtype=torch.long).reshape(n, widest)
+        offsets = torch.arange(self.block_size, dtype=torch.long)
+        slots = (tables[:, :, None] * self.block_size + offsets).reshape(n, widest * self.block_size)[:, :width]
+        mask = torch.arange(width) < torch.tensor(lengths, dtype=torch.long)[:, None]
+        return slots.contiguous().to(device), mask.to(device)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [n, kv_heads, head_dim] into `slots` [n]."""
