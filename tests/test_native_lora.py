@@ -17,7 +17,7 @@ from loramux.lora.ops import LoraWeights, PackedLora, StackedLora, add_lora_loop
 from loramux.lora.segments import LoraSegments
 from loramux.lora import segmented_lora
 
-needs_kernel = pytest.mark.skipif(not native.available(), reason="the native kernel cannot run on this machine")
+needs_kernel = pytest.mark.skipif(native.library() is None, reason="the native kernel cannot run on this machine")
 
 IN = 40
 # Output widths that are not multiples of the kernel's 16 lanes; stack ranks 8 + 24 + 40 = 72, more
@@ -87,6 +87,24 @@ def test_kernel_adds_the_reference_deltas_rounded_once(layout):
     for start, end, _ in segments:
         covered[start:end] = True
     assert torch.equal(got[~covered], y[~covered])  # rows of no adapter: untouched, bit for bit
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["segments-with-gaps", "long-segment"])
+def test_an_avx2_cpu_runs_the_avx2_build(layout):
+    """The same source built for AVX2 (8 lanes, other register blocking): the same deltas."""
+    num_rows, segments = LAYOUTS[layout]
+    seg = LoraSegments.from_segments(num_rows, segments)
+    adapters = _adapters()
+    packed = PackedLora.build_fused([(adapters[name], out) for name, out in OUTS], IN)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(num_rows, IN, generator=g).bfloat16()
+    y = torch.randn(num_rows, sum(out for _, out in OUTS), generator=g).bfloat16()
+    with mock.patch.object(native, "cpu_isa", return_value="avx2"), \
+            mock.patch.object(segmented_lora, "_kernel", wraps=segmented_lora._kernel) as kernel:
+        got = segmented_lora.add_lora_native(y.clone(), x, seg.spans, packed)
+    assert "loramux-avx2-" in kernel.call_args.args[0]._name
+    assert_rounded_once(got, _expected(y, x, seg, adapters))
 
 
 def test_the_packed_stack_holds_the_blocks_of_the_block_diagonal_stack_and_nothing_else():

@@ -24,7 +24,7 @@ from loramux.model.llama import Attention, StepContext
 from loramux.native import paged_attention
 from test_native_lora import assert_rounded_once
 
-needs_kernel = pytest.mark.skipif(native.portable_library() is None, reason="the native kernel cannot run on this machine")
+needs_kernel = pytest.mark.skipif(native.library() is None, reason="the native kernel cannot run on this machine")
 
 BLOCK = 16
 # (heads, kv heads, head_dim): GQA as SmolLM2's, MHA, MQA
@@ -157,7 +157,7 @@ def test_inputs_it_does_not_take():
     def ok(q=q, kv=kv):
         return paged_attention.accepts(q, kv, plan.decode_slots, plan.decode_mask)
 
-    assert ok() == (native.portable_library() is not None)
+    assert ok() == (native.library() is not None)
     assert not ok(q=q.half())  # float16 queries
     assert not ok(q=q.transpose(1, 2).contiguous().transpose(1, 2))  # heads not contiguous
     bf16_pool = PagedKVCache(config, kv.num_blocks, BLOCK, torch.bfloat16, "cpu")
@@ -200,12 +200,6 @@ def test_the_probe_names_the_best_instruction_set_the_cpu_has(caplog, monkeypatc
         assert native.cpu_isa.__wrapped__() == "avx2"
 
 
-def test_an_avx2_cpu_gets_no_avx512_kernels_and_is_told_why(caplog):
-    with mock.patch.object(native, "cpu_isa", return_value="avx2"), caplog.at_level(logging.INFO, "loramux.native"):
-        assert native.library.__wrapped__() is None
-    assert "runs avx2 builds, not AVX-512" in caplog.text
-
-
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_avx2_cpu_runs_the_avx2_build(dtype):
@@ -213,7 +207,7 @@ def test_an_avx2_cpu_runs_the_avx2_build(dtype):
     with mock.patch.object(native, "cpu_isa", return_value="avx2"), \
             mock.patch.object(paged_attention, "_kernels", wraps=paged_attention._kernels) as kernels:
         got = _decode(config, kv, plan, q)
-    assert "portable-avx2-" in kernels.call_args.args[0]._name
+    assert "loramux-avx2-" in kernels.call_args.args[0]._name
     if dtype == torch.float32:
         torch.testing.assert_close(got, _definition(kv, plan, q), rtol=0, atol=1e-5)
     else:
@@ -223,7 +217,7 @@ def test_an_avx2_cpu_runs_the_avx2_build(dtype):
 def test_a_cpu_with_neither_keeps_the_gather_and_sdpa():
     config, kv, plan, q = _case("gqa", torch.float32, lengths=[5, 40])
     with mock.patch.object(native, "cpu_isa", return_value=None):
-        assert native.portable_library() is None
+        assert native.library() is None
         assert not paged_attention.accepts(q, kv, plan.decode_slots, plan.decode_mask)
         got = _decode(config, kv, plan, q, native_on=False)
     torch.testing.assert_close(got, _definition(kv, plan, q), rtol=0, atol=1e-5)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loramux.model.llama import RMSNorm
+from loramux import native
 from loramux.native import available, rms_norm
 from test_native_lora import assert_rounded_once
 
@@ -59,6 +60,21 @@ def test_float32_rows_match_pytorch(rows, size):
     got = rms_norm.rms_norm_native(x, norm.weight, EPS)
     torch.testing.assert_close(got, norm.reference(x), rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(got, _hf_formula(x, norm.weight), rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_avx2_cpu_runs_the_avx2_build(dtype):
+    """The same source built for AVX2 (8 lanes): a width with a tail, rows split over threads."""
+    norm = _norm(584, dtype)
+    x = torch.randn(300, 584, generator=torch.Generator().manual_seed(6)).to(dtype)
+    with mock.patch.object(native, "cpu_isa", return_value="avx2"), \
+            mock.patch.object(rms_norm, "_kernels", wraps=rms_norm._kernels) as kernels:
+        got = rms_norm.rms_norm_native(x, norm.weight, EPS)
+    assert "loramux-avx2-" in kernels.call_args.args[0]._name
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, _hf_formula(x, norm.weight), rtol=2e-6, atol=1e-6)
+    else:
+        assert_rounded_once(got, norm.reference(x), min_equal=0.99)
 
 
 def test_a_zero_row_stays_zero():

@@ -3,7 +3,7 @@ inference rows.
 
 `add_lora_native(y, x, spans, packed)` computes what `lora.ops.add_lora_stacked` and
 `add_lora_tiled` compute, in one call instead of a float32 conversion, per-segment or batched
-matmuls and a mixed-dtype add: both matmuls and the add run in float32 registers on AVX-512,
+matmuls and a mixed-dtype add: both matmuls and the add run in float32 registers (AVX-512 or AVX2),
 against the adapters' weights in bf16 (`lora.ops.PackedLora`: a bf16 model's adapters are bf16
 anyway, only the folded scale is rounded), read in place through each segment's slot, for decode
 and prefill rows alike, and of B only the projections' blocks (a fused group's B is
@@ -20,12 +20,12 @@ import functools
 import torch
 
 from loramux.lora.ops import PackedLora
-from loramux.native import available, library
+from loramux.native import library
 
 
 def accepts(y: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the kernel computes y += the deltas for rows x (else: the PyTorch paths of lora/ops)."""
-    return x.device.type == "cpu" and all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (y, x)) and available()
+    return x.device.type == "cpu" and all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (y, x)) and library() is not None
 
 
 def add_lora_native(y: torch.Tensor, x: torch.Tensor, spans: torch.Tensor, packed: PackedLora) -> torch.Tensor:
@@ -34,7 +34,7 @@ def add_lora_native(y: torch.Tensor, x: torch.Tensor, spans: torch.Tensor, packe
     weights read in place from `packed` through each segment's slot. Needs `accepts`."""
     A, B = packed.A_t, packed.B
     h = torch.empty(x.shape[0], A.shape[2], dtype=torch.float32)  # x @ A, the kernel's scratch
-    _kernel()(
+    _kernel(library())(
         x.data_ptr(), y.data_ptr(), x.shape[1], y.shape[1], A.data_ptr(), B.data_ptr(), A.shape[2], B.shape[1],
         packed.blocks.data_ptr(), packed.blocks.shape[0], spans.data_ptr(), spans.shape[0], h.data_ptr(),
     )
@@ -42,8 +42,8 @@ def add_lora_native(y: torch.Tensor, x: torch.Tensor, spans: torch.Tensor, packe
 
 
 @functools.cache
-def _kernel():
-    fn = library().loramux_add_lora_segments
+def _kernel(lib: ctypes.CDLL):
+    fn = lib.loramux_add_lora_segments
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, i64, ptr, i64, ptr]
     fn.restype = None

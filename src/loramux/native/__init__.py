@@ -7,12 +7,11 @@
 - `paged_attention.c`: decode attention read in place from the paged KV cache
   (native/paged_attention.py).
 
-The first two are written with AVX-512 intrinsics and built into one library (`library()`), for
-CPUs with AVX-512 only. The PORTABLE ones are plain C that the compiler vectorizes: they are built
-for the best instruction set of ISAS this CPU has (`portable_library()`), so AVX2-only CPUs run
-them too. Which that is, `cpu_isa()` asks `cpu.c`, built on its own for the baseline x86-64 so that
-asking runs no instruction the CPU may lack; `LORAMUX_NATIVE_ISA=avx2` makes an AVX-512 CPU run
-what an AVX2-only one would (no AVX-512 kernels, the AVX2 builds).
+All are plain C written with the compiler's generic vectors (`vec.h`) and built into one library
+for the best instruction set of ISAS this CPU has (`library()`), so AVX2-only CPUs run them too.
+Which that is, `cpu_isa()` asks `cpu.c`, built on its own for the baseline x86-64 so that asking
+runs no instruction the CPU may lack; `LORAMUX_NATIVE_ISA=avx2` makes an AVX-512 CPU run what an
+AVX2-only one would.
 
 Libraries are compiled on first use with the system's C compiler (`$CC`, else `cc`; under a second
 each) into the cache (`$LORAMUX_CACHE_DIR/kernels`, keyed by the sources, compiler and flags) and
@@ -46,34 +45,21 @@ ISAS = {
     "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"),
     "avx2": ("-mavx2", "-mfma"),
 }
-PORTABLE = ("paged_attention.c",)  # plain C, built for the best of ISAS the CPU has
-
-
 def available() -> bool:
-    """Whether the AVX-512 kernels (`library()`) run here."""
+    """Whether the kernels (`library()`) run here."""
     return library() is not None
 
 
-@functools.cache
 def library() -> ctypes.CDLL | None:
-    """The AVX-512 kernels: every C file here but cpu.c and the PORTABLE ones, in one library."""
+    """Every kernel (the C files here but cpu.c), built for the best instruction set this CPU has
+    (`cpu_isa()`); None where it runs none or native kernels are off (the log says why)."""
     isa = cpu_isa()
-    if isa != "avx512":
-        if isa is not None:  # else why is logged already
-            log.info("AVX-512 native kernels off (this CPU runs %s builds, not AVX-512): their PyTorch paths are used", isa)
-        return None
-    return _load("loramux", [p for p in sorted(HERE.glob("*.c")) if p.name not in ("cpu.c", *PORTABLE)], ISAS["avx512"])
-
-
-def portable_library() -> ctypes.CDLL | None:
-    """The PORTABLE kernels, built for the best instruction set this CPU has (`cpu_isa()`)."""
-    isa = cpu_isa()
-    return None if isa is None else _portable(isa)
+    return None if isa is None else _library(isa)
 
 
 @functools.cache
-def _portable(isa: str) -> ctypes.CDLL | None:
-    return _load(f"portable-{isa}", [HERE / name for name in PORTABLE], ISAS[isa])
+def _library(isa: str) -> ctypes.CDLL | None:
+    return _load(f"loramux-{isa}", [p for p in sorted(HERE.glob("*.c")) if p.name != "cpu.c"], ISAS[isa])
 
 
 @functools.cache

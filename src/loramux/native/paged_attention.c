@@ -21,7 +21,7 @@
  *
  * Written with the compiler's generic vectors (GCC's and Clang's vector extensions) as wide as a
  * register, so the same source is built for AVX-512 and for AVX2, and the loader takes the build
- * this CPU runs (loramux.native.PORTABLE).
+ * this CPU runs (loramux.native.library).
  */
 #include <math.h>
 #include <stdbool.h>
@@ -29,26 +29,11 @@
 #include <string.h>
 
 #include "bf16.h"
-
-#define INLINE static inline __attribute__((always_inline)) /* vectors passed to helpers stay in registers */
+#include "vec.h"
 
 #define CHUNK 64                /* context positions scored before their V rows are added */
 #define AHEAD 8                 /* K rows are asked for this many positions ahead (V rows as their K is scored) */
 #define PARALLEL_FROM (1 << 16) /* padded K elements: below it, one thread is faster than waking the others */
-
-/* float32 lanes of a vector register: 16 with AVX-512, 8 with AVX2 (wider generic vectors would be
- * split and shuffled through memory) */
-#ifdef __AVX512F__
-#define LANES 16
-#else
-#define LANES 8
-#endif
-typedef float vf __attribute__((vector_size(4 * LANES)));
-typedef int32_t vi __attribute__((vector_size(4 * LANES)));
-typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
-typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
 
 /* LANES float32 or bf16 elements at p + i, as float32 */
 INLINE vf load(bool bf16, const void *p, int64_t i) {
@@ -60,16 +45,6 @@ INLINE vf load(bool bf16, const void *p, int64_t i) {
     vf v;
     memcpy(&v, (const float *)p + i, sizeof v);
     return v;
-}
-
-INLINE float hsum(vf v) {
-#if LANES == 16
-    const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-    const f32x8 a = v;
-#endif
-    const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 /* lanes of a where `pick` is set (-1), else of b */

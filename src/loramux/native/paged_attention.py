@@ -9,7 +9,7 @@ only its output (SDPA also rounds the probabilities to bf16 before multiplying t
 Decode attention of SmolLM2-135M's shape, 30 layers, on one Zen 4 core: 5-10x faster than the gather
 and SDPA in bf16, 1.2-2.6x in float32 (docs/benchmarks.md, paged attention). Only for rows that
 build no graph: it has no backward. The kernel is plain C built for AVX-512 or for AVX2, whichever
-the CPU has (`native.portable_library`).
+the CPU has (`native.library`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loramux.native import portable_library
+from loramux.native import library
 
 if TYPE_CHECKING:
     from loramux.kv.paged_cache import PagedKVCache
@@ -42,7 +42,7 @@ def reads_in_place(kv: PagedKVCache, slots: torch.Tensor, mask: torch.Tensor) ->
         and kv.k.is_contiguous() and kv.v.is_contiguous() and kv.k.shape[3] % 16 == 0
         and slots.dtype == torch.long and slots.is_contiguous()
         and mask.dtype == torch.bool and mask.is_contiguous() and mask.numel() == slots.numel()
-        and portable_library() is not None
+        and library() is not None
     )
 
 
@@ -62,7 +62,7 @@ def paged_attention_native(q: torch.Tensor, kv: PagedKVCache, layer: int, slots:
     Needs `accepts`."""
     B, H, D = q.shape
     out = torch.empty(B, H, D, dtype=q.dtype)
-    _kernels(portable_library())[q.dtype](
+    _kernels(library())[q.dtype](
         q.data_ptr(), q.stride(0), kv.k[layer].data_ptr(), kv.v[layer].data_ptr(), slots.data_ptr(), mask.data_ptr(),
         out.data_ptr(), B, slots.shape[1], H, kv.k.shape[2], D,
     )

@@ -6,34 +6,35 @@
  *   x, y: [rows, n] row-major, contiguous; w: [n]; everything in between in float32.
  * torch's `rms_norm` runs as eight small ops on CPU (about 45 us per call for 32 rows of 576);
  * this is one pass per row. Rows are split over torch's OpenMP threads when there are many.
+ * Generic vectors (vec.h): built for AVX-512 or AVX2, whichever the CPU has.
  */
 #include <math.h>
 #include <stdint.h>
 
-#include "bf16.h"
+#include "vec.h"
 
 #define PARALLEL_FROM 65536 /* elements: below it, one thread is faster than waking the other */
 
-static inline __m512 load(int bf16, const void *p, int64_t i, __mmask16 m) {
-    return bf16 ? load_bf16((const uint16_t *)p + i, m) : _mm512_maskz_loadu_ps(m, (const float *)p + i);
+/* the first n float32 or bf16 elements at p + i (all LANES if n >= LANES), as float32 */
+INLINE vf load_n(int bf16, const void *p, int64_t i, int64_t n) {
+    return bf16 ? load_bf16_n((const uint16_t *)p + i, n) : load_f32_n((const float *)p + i, n);
 }
 
 static void rms_norm(int bf16, const void *x, const void *w, void *y, int64_t rows, int64_t n, float eps) {
     #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_FROM)
     for (int64_t r = 0; r < rows; r++) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i += 16) {
-            const __m512 v = load(bf16, x, r * n + i, lanes(n - i));
-            acc = _mm512_fmadd_ps(v, v, acc);
+        vf acc = {0};
+        for (int64_t i = 0; i < n; i += LANES) {
+            const vf v = load_n(bf16, x, r * n + i, n - i);
+            acc += v * v;
         }
-        const __m512 s = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps));
-        for (int64_t i = 0; i < n; i += 16) {
-            const __mmask16 m = lanes(n - i);
-            const __m512 normed = _mm512_mul_ps(load(bf16, x, r * n + i, m), s);
+        const float s = 1.0f / sqrtf(hsum(acc) / (float)n + eps);
+        for (int64_t i = 0; i < n; i += LANES) {
+            const vf normed = load_n(bf16, x, r * n + i, n - i) * s;
             if (bf16)
-                store_bf16((uint16_t *)y + r * n + i, _mm512_mul_ps(load_bf16((const uint16_t *)w + i, m), round_bf16(normed)), m);
+                store_bf16_n((uint16_t *)y + r * n + i, load_bf16_n((const uint16_t *)w + i, n - i) * round_bf16_v(normed), n - i);
             else
-                _mm512_mask_storeu_ps((float *)y + r * n + i, m, _mm512_mul_ps(normed, _mm512_maskz_loadu_ps(m, (const float *)w + i)));
+                store_f32_n((float *)y + r * n + i, normed * load_f32_n((const float *)w + i, n - i), n - i);
         }
     }
 }
