@@ -5,6 +5,7 @@ PyTorch paths, which round twice, stay within bf16 tolerance of the same referen
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -71,8 +72,11 @@ LAYOUTS = {
 
 
 @needs_kernel
+@pytest.mark.parametrize("isa", ["this CPU's", "avx2"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_kernel_adds_the_reference_deltas_rounded_once(layout):
+def test_kernel_adds_the_reference_deltas_rounded_once(layout, isa):
+    """In the build for this CPU, and in the AVX2 build (8 lanes, other register blocking) that an
+    AVX2-only CPU runs."""
     num_rows, segments = LAYOUTS[layout]
     seg = LoraSegments.from_segments(num_rows, segments)
     adapters = _adapters()
@@ -81,30 +85,17 @@ def test_kernel_adds_the_reference_deltas_rounded_once(layout):
     x = torch.randn(num_rows, IN, generator=g).bfloat16()
     y = torch.randn(num_rows, sum(out for _, out in OUTS), generator=g).bfloat16()
     assert segmented_lora.accepts(y, x)
-    got = segmented_lora.add_lora_native(y.clone(), x, seg.spans, packed)
+    with contextlib.ExitStack() as stack:
+        if isa == "avx2":
+            stack.enter_context(mock.patch.object(native, "cpu_isa", return_value="avx2"))
+        kernel = stack.enter_context(mock.patch.object(segmented_lora, "_kernel", wraps=segmented_lora._kernel))
+        got = segmented_lora.add_lora_native(y.clone(), x, seg.spans, packed)
+    assert isa != "avx2" or "loramux-avx2-" in kernel.call_args.args[0]._name
     assert_rounded_once(got, _expected(y, x, seg, adapters))
     covered = torch.zeros(num_rows, dtype=torch.bool)
     for start, end, _ in segments:
         covered[start:end] = True
     assert torch.equal(got[~covered], y[~covered])  # rows of no adapter: untouched, bit for bit
-
-
-@needs_kernel
-@pytest.mark.parametrize("layout", ["segments-with-gaps", "long-segment"])
-def test_an_avx2_cpu_runs_the_avx2_build(layout):
-    """The same source built for AVX2 (8 lanes, other register blocking): the same deltas."""
-    num_rows, segments = LAYOUTS[layout]
-    seg = LoraSegments.from_segments(num_rows, segments)
-    adapters = _adapters()
-    packed = PackedLora.build_fused([(adapters[name], out) for name, out in OUTS], IN)
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(num_rows, IN, generator=g).bfloat16()
-    y = torch.randn(num_rows, sum(out for _, out in OUTS), generator=g).bfloat16()
-    with mock.patch.object(native, "cpu_isa", return_value="avx2"), \
-            mock.patch.object(segmented_lora, "_kernel", wraps=segmented_lora._kernel) as kernel:
-        got = segmented_lora.add_lora_native(y.clone(), x, seg.spans, packed)
-    assert "loramux-avx2-" in kernel.call_args.args[0]._name
-    assert_rounded_once(got, _expected(y, x, seg, adapters))
 
 
 def test_the_packed_stack_holds_the_blocks_of_the_block_diagonal_stack_and_nothing_else():
