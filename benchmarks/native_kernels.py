@@ -43,7 +43,7 @@ def child(variant: str, dtype: str, rows: int) -> None:
         if variant == "torch norms":
             patches.enter_context(mock.patch.object(rms_norm, "available", lambda: False))
         elif variant == "torch LoRA":
-            patches.enter_context(mock.patch.object(segmented_lora, "library", lambda: None))
+            patches.enter_context(mock.patch.object(segmented_lora, "available", lambda: False))
         elif variant == "no delta":
             patches.enter_context(mock.patch.object(layer, "add_lora_native", lambda y, *a: y))
             patches.enter_context(mock.patch.object(layer, "add_lora_tiled", lambda y, *a: y))

@@ -20,12 +20,12 @@ import functools
 import torch
 
 from loramux.lora.ops import PackedLora
-from loramux.native import library
+from loramux.native import available, library
 
 
 def accepts(y: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether the kernel computes y += the deltas for rows x (else: the PyTorch paths of lora/ops)."""
-    return x.device.type == "cpu" and all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (y, x)) and library() is not None
+    return x.device.type == "cpu" and all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in (y, x)) and available()
 
 
 def add_lora_native(y: torch.Tensor, x: torch.Tensor, spans: torch.Tensor, packed: PackedLora) -> torch.Tensor:

@@ -35,18 +35,6 @@
 #define AHEAD 8                 /* K rows are asked for this many positions ahead (V rows as their K is scored) */
 #define PARALLEL_FROM (1 << 16) /* padded K elements: below it, one thread is faster than waking the others */
 
-/* LANES float32 or bf16 elements at p + i, as float32 */
-INLINE vf load(bool bf16, const void *p, int64_t i) {
-    if (bf16) {
-        vh h;
-        memcpy(&h, (const uint16_t *)p + i, sizeof h);
-        return (vf)(__builtin_convertvector(h, vu) << 16);
-    }
-    vf v;
-    memcpy(&v, (const float *)p + i, sizeof v);
-    return v;
-}
-
 /* lanes of a where `pick` is set (-1), else of b */
 INLINE vf blend(vi pick, vf a, vf b) { return (vf)((pick & (vi)a) | (~pick & (vi)b)); }
 
@@ -89,7 +77,7 @@ INLINE void paged_attention(
         int64_t at[CHUNK]; /* where the chunk's K and V rows start in the pools */
         for (int64_t g = 0; g < G; g++) {
             for (int64_t w = 0; w < W; w++) {
-                qv[g][w] = scale * load(bf16, q, b * q_stride + (kh * G + g) * D + LANES * w);
+                qv[g][w] = scale * load_n(bf16, q, b * q_stride + (kh * G + g) * D + LANES * w, LANES);
                 acc[g][w] = (vf){0};
             }
             top[g] = -INFINITY;
@@ -104,7 +92,7 @@ INLINE void paged_attention(
             for (int i = 0; i < n; i++) {
                 if (i + AHEAD < n) prefetch_row(bf16, k, at[i + AHEAD], D);
                 prefetch_row(bf16, v, at[i], D);
-                for (int64_t w = 0; w < W; w++) row[w] = load(bf16, k, at[i] + LANES * w);
+                for (int64_t w = 0; w < W; w++) row[w] = load_n(bf16, k, at[i] + LANES * w, LANES);
                 for (int64_t g = 0; g < G; g++) {
                     vf s = qv[g][0] * row[0];
                     for (int64_t w = 1; w < W; w++) s += qv[g][w] * row[w];
@@ -128,7 +116,7 @@ INLINE void paged_attention(
                 sum[g] += hsum(added);
             }
             for (int i = 0; i < n; i++) {
-                for (int64_t w = 0; w < W; w++) row[w] = load(bf16, v, at[i] + LANES * w);
+                for (int64_t w = 0; w < W; w++) row[w] = load_n(bf16, v, at[i] + LANES * w, LANES);
                 for (int64_t g = 0; g < G; g++)
                     for (int64_t w = 0; w < W; w++) acc[g][w] += p[g][i / LANES][i % LANES] * row[w];
             }

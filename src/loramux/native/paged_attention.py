@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loramux.native import library
+from loramux.native import available, library
 
 if TYPE_CHECKING:
     from loramux.kv.paged_cache import PagedKVCache
@@ -42,7 +42,7 @@ def reads_in_place(kv: PagedKVCache, slots: torch.Tensor, mask: torch.Tensor) ->
         and kv.k.is_contiguous() and kv.v.is_contiguous() and kv.k.shape[3] % 16 == 0
         and slots.dtype == torch.long and slots.is_contiguous()
         and mask.dtype == torch.bool and mask.is_contiguous() and mask.numel() == slots.numel()
-        and library() is not None
+        and available()
     )
 
 

@@ -15,11 +15,6 @@
 
 #define PARALLEL_FROM 65536 /* elements: below it, one thread is faster than waking the other */
 
-/* the first n float32 or bf16 elements at p + i (all LANES if n >= LANES), as float32 */
-INLINE vf load_n(int bf16, const void *p, int64_t i, int64_t n) {
-    return bf16 ? load_bf16_n((const uint16_t *)p + i, n) : load_f32_n((const float *)p + i, n);
-}
-
 static void rms_norm(int bf16, const void *x, const void *w, void *y, int64_t rows, int64_t n, float eps) {
     #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_FROM)
     for (int64_t r = 0; r < rows; r++) {

@@ -60,6 +60,11 @@ INLINE vf load_f32_n(const float *p, int64_t n) {
     return v;
 }
 
+/* the first n float32 or bf16 elements at p + i (all LANES if n >= LANES), as float32 */
+INLINE vf load_n(int bf16, const void *p, int64_t i, int64_t n) {
+    return bf16 ? load_bf16_n((const uint16_t *)p + i, n) : load_f32_n((const float *)p + i, n);
+}
+
 /* the first n lanes of v (all if n >= LANES) into p */
 INLINE void store_f32_n(float *p, vf v, int64_t n) {
     if (n >= LANES)
