@@ -1,11 +1,13 @@
 """Where a decode step spends its time: torch.profiler over the engine the bench builds.
 
 The default model with the bench's adapters (rank 16, all linears), `rows` requests (64-token
-prompts, spread over `adapters` adapters; 0: the bare base model) decoding together. Prints the
+prompts, spread over `adapters` adapters; 0: the bare base model) decoding together, greedy or
+sampling at `temperature` (each request with its own seed). Prints the
 median step time over 10 steps, then the top ops by self CPU time over 5 profiled steps.
 
     .venv/bin/python benchmarks/profile_decode_step.py bfloat16 32 4
     .venv/bin/python benchmarks/profile_decode_step.py float32 1 4
+    .venv/bin/python benchmarks/profile_decode_step.py bfloat16 32 4 1.0   # sampling at temperature 1
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from torch.profiler import ProfilerActivity, profile
 from decoding import decoding_engine
 
 
-def main(dtype: str = "bfloat16", rows: int = 32, adapters: int = 4) -> None:
-    engine = decoding_engine(dtype, rows, adapters)
+def main(dtype: str = "bfloat16", rows: int = 32, adapters: int = 4, temperature: float = 0.0) -> None:
+    engine = decoding_engine(dtype, rows, adapters, temperature=temperature)
     seconds = []
     for _ in range(10):
         t0 = time.perf_counter()
         engine.step()
         seconds.append(time.perf_counter() - t0)
-    print(f"{dtype}, {rows} rows, {adapters} adapters: {1e3 * statistics.median(seconds):.1f} ms per decode step", flush=True)
+    print(f"{dtype}, {rows} rows, {adapters} adapters, temperature {temperature}: {1e3 * statistics.median(seconds):.1f} ms per decode step", flush=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             engine.step()
@@ -34,4 +36,4 @@ def main(dtype: str = "bfloat16", rows: int = 32, adapters: int = 4) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "bfloat16", *(int(a) for a in sys.argv[2:4]))
+    main(sys.argv[1] if len(sys.argv) > 1 else "bfloat16", *(int(a) for a in sys.argv[2:4]), *(float(a) for a in sys.argv[4:5]))

@@ -9,7 +9,16 @@ import math
 import pytest
 import torch
 
-from loramux.engine.sampling import MAX_LOGPROBS, InvalidParam, SamplingParams, TokenLogprob, sample_next, token_logprobs
+from loramux.engine.sampling import (
+    MAX_LOGPROBS,
+    TOP_P_CANDIDATES,
+    InvalidParam,
+    SamplingParams,
+    TokenLogprob,
+    choose_tokens,
+    sample_next,
+    token_logprobs,
+)
 
 
 def draws(logits, params, n, seed=0, **kwargs) -> list[int]:
@@ -374,14 +383,58 @@ def test_logprobs_with_blocked_ids_report_the_model_distribution():
     assert [i for i, _ in lp.top] == [1, 3]
 
 
-def test_a_batch_argmax_is_used_only_where_nothing_changes_the_scores():
+def test_greedy_takes_the_best_of_the_adjusted_scores():
     logits = torch.tensor([0.0, 5.0, 1.0, 2.0])
     greedy = SamplingParams()
-    assert sample_next(logits, greedy, torch.Generator(), argmax=1)[0] == 1
-    assert sample_next(logits, greedy, torch.Generator(), blocked_ids=[1], argmax=1)[0] == 3
-    assert sample_next(logits, SamplingParams(frequency_penalty=2.0), torch.Generator(), output_ids=[1, 1], argmax=1)[0] == 3
+    assert sample_next(logits, greedy, torch.Generator())[0] == 1
+    assert sample_next(logits, greedy, torch.Generator(), blocked_ids=[1])[0] == 3
+    assert sample_next(logits, SamplingParams(frequency_penalty=2.0), torch.Generator(), output_ids=[1, 1])[0] == 3
     sampled = SamplingParams(temperature=1.0)
-    assert {sample_next(logits, sampled, torch.Generator().manual_seed(s), argmax=1)[0] for s in range(40)} != {1}
+    assert {sample_next(logits, sampled, torch.Generator().manual_seed(s))[0] for s in range(40)} != {1}
+
+
+BATCH_PARAMS = [
+    SamplingParams(),
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_p=0.9),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(temperature=0.5, min_p=0.05),
+    SamplingParams(temperature=1.0, top_k=50, top_p=0.95, min_p=0.01),
+    SamplingParams(temperature=1.0, top_p=0.999),  # past the first 64 candidates of a flat row
+    SamplingParams(top_k=3),  # greedy: filters do not matter
+]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_batch_chooses_what_each_row_would_alone(seed):
+    """One choose_tokens call over rows with different parameters gives each row the token that
+    row's own call gives with a generator in the same state, step after step."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 3000
+    logits = torch.randn(len(BATCH_PARAMS), vocab, generator=g) * torch.tensor([4.0, 1.0, 3.0, 2.0, 4.0, 3.0, 0.3, 2.0])[:, None]
+    batched = [torch.Generator().manual_seed(100 + i) for i in range(len(BATCH_PARAMS))]
+    alone = [torch.Generator().manual_seed(100 + i) for i in range(len(BATCH_PARAMS))]
+    for _ in range(20):
+        together = choose_tokens(logits, BATCH_PARAMS, batched)
+        one_by_one = [choose_tokens(logits[i : i + 1], [p], [alone[i]])[0] for i, p in enumerate(BATCH_PARAMS)]
+        assert together == one_by_one
+    assert together[0] == argmax(logits[0].tolist()) and together[-1] == argmax(logits[-1].tolist())
+
+
+def test_top_p_past_the_first_candidates_keeps_the_same_prefix_as_a_full_sort():
+    """A flat row whose top_p prefix is longer than the first TOP_P_CANDIDATES tokens: the kept set
+    is the prefix of the sorted row (computed here with a full sort) whose mass before each token is
+    below top_p, so every drawn token lies in it and draws reach deep into it."""
+    logits = torch.randn(2000, generator=torch.Generator().manual_seed(3)) * 0.3
+    top_p = 0.5
+    order = torch.argsort(logits, descending=True)
+    probs = torch.softmax(logits, -1)[order]
+    prefix = set(order[: int((probs.cumsum(-1) - probs < top_p).sum())].tolist())
+    assert len(prefix) > TOP_P_CANDIDATES
+    tokens = draws(logits, SamplingParams(temperature=1.0, top_p=top_p), 3000, seed=1)
+    assert set(tokens) <= prefix
+    ranks = {int(t): r for r, t in enumerate(order.tolist())}
+    assert max(ranks[t] for t in tokens) >= TOP_P_CANDIDATES
 
 
 def test_sample_next_does_not_modify_the_logits():
@@ -586,7 +639,7 @@ def test_a_vanishing_temperature_samples_the_best_token(temperature):
     temperature falls to 0 sampling tends to greedy; top_p always keeps the best token."""
     logits = torch.randn(500, generator=torch.Generator().manual_seed(1)) * 30
     params = SamplingParams(temperature=temperature, top_p=4.7e-111, seed=0)
-    token, _ = sample_next(logits, params, params.generator(), [], [], (), int(logits.argmax()))
+    token, _ = sample_next(logits, params, params.generator())
     assert token == int(logits.argmax())
 
 

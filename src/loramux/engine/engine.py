@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,7 +41,7 @@ from loramux.engine.requests import (
     RequestOutput,
     RequestState,
 )
-from loramux.engine.sampling import SamplingParams, TokenLogprob, sample_next, token_logprobs
+from loramux.engine.sampling import SamplingParams, TokenLogprob, adjusted_scores, choose_tokens, token_logprobs
 from loramux.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.adapter import LoraAdapter, LoraConfig
@@ -455,7 +455,6 @@ class Engine:
                 hidden = self.model(batch)
                 rows = torch.tensor([batch.chunk_rows[i].stop - 1 for i in sampled], dtype=torch.long, device=hidden.device)
                 logits = self.model.logits(hidden[rows]) if sampled else None
-            argmaxes = logits.max(-1).indices.tolist() if sampled else []  # first of ties, as argmax; 2.5x faster
         except Exception as e:
             log.exception("the forward pass of a step failed")
             return self._fail_step(scheduled.chunks, work, f"the step's forward pass failed: {type(e).__name__}: {e}")
@@ -465,8 +464,8 @@ class Engine:
         # prompt log-probabilities from the prompt rows just computed; a failure ends its request alone
         outputs = [out for i, c in enumerate(scheduled.chunks) if c.request.params.prompt_logprobs is not None
                    and (out := self._score_prompt(c, hidden, batch.chunk_rows[i])) is not None]
-        outputs += [self._sample(scheduled.chunks[i].request, logits[j], argmaxes[j])
-                    for j, i in enumerate(sampled) if scheduled.chunks[i].request.id in self.requests]
+        if sampled:
+            outputs += self._sample([scheduled.chunks[i].request for i in sampled], logits)
         self.trainer.poll()
         for seq in (seq for item in work for seq in item.sequences):
             row_counts[seq.kind] += len(seq.sample)
@@ -514,29 +513,81 @@ class Engine:
             return self._finish(request, "error", f"computing the prompt's log-probabilities failed: {type(e).__name__}: {e}")
         return None
 
-    def _sample(self, request: Request, logits: torch.Tensor, argmax: int) -> RequestOutput:
-        """The request's next token and text (or, for max_tokens=0, its end after the prompt); a
-        failure there finishes this request alone."""
-        try:
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
+        """Each request's next token and text, from its row of logits [len(requests), vocab] (or,
+        for max_tokens=0, its end after the prompt). The rows' tokens are chosen together
+        (`choose_tokens`); a failure in one request's scores or text finishes that request alone,
+        one in the shared choice finishes the requests it was choosing for."""
+        outputs: list[RequestOutput] = []
+        rows: list[tuple[int, Request]] = []  # (row of logits, request) of the requests that sample
+        adjusted: dict[int, torch.Tensor] = {}  # index in rows -> that row's own scores
+        for j, request in enumerate(requests):
+            if request.id not in self.requests:  # finished while scoring its prompt
+                continue
             if request.params.max_tokens == 0:  # scoring only: the prompt's log-probabilities are the result
                 self._close(request, "length", time.perf_counter())
-                return RequestOutput(request.id, (), "", True, "length", metrics=request.metrics,
-                                     prompt_logprobs=tuple(request.prompt_logprobs))
-            return self._append_token(request, logits, argmax)
+                outputs.append(RequestOutput(request.id, (), "", True, "length", metrics=request.metrics,
+                                             prompt_logprobs=tuple(request.prompt_logprobs)))
+                continue
+            try:
+                scores = adjusted_scores(logits[j], request.params, request.prompt_ids, request.output_ids, *self._limits(request))
+            except Exception as e:
+                outputs.append(self._sampling_failed(request, e))
+                continue
+            if scores is not None:
+                adjusted[len(rows)] = scores
+            rows.append((j, request))
+        if not rows:
+            return outputs
+        chosen = [request for _, request in rows]
+        try:
+            scores = logits if len(rows) == len(logits) and not adjusted else logits[[j for j, _ in rows]]
+            for i, row in adjusted.items():
+                scores[i] = row
+            tokens = choose_tokens(scores, [r.params for r in chosen], [r.generator for r in chosen])
+            logprobs = self._token_logprobs(logits, rows, tokens)
         except Exception as e:
-            log.exception("request %s failed while sampling its next token", request.id)
-            return self._finish(request, "error", f"sampling or decoding the next token failed: {type(e).__name__}: {e}")
+            return outputs + [self._sampling_failed(request, e) for request in chosen]
+        for request, token, logprob in zip(chosen, tokens, logprobs):
+            try:
+                outputs.append(self._append_token(request, token, logprob))
+            except Exception as e:
+                outputs.append(self._sampling_failed(request, e))
+        return outputs
 
-    def _append_token(self, request: Request, logits: torch.Tensor, argmax: int) -> RequestOutput:
+    def _sampling_failed(self, request: Request, error: Exception) -> RequestOutput:
+        log.exception("request %s failed while sampling its next token", request.id, exc_info=error)
+        return self._finish(request, "error", f"sampling or decoding the next token failed: {type(error).__name__}: {error}")
+
+    def _limits(self, request: Request) -> tuple[tuple[int, ...], torch.Tensor | None]:
+        """(ids the request may not emit now, its grammar's allowed tokens or None): its end ids
+        while min_tokens is not reached, unless its grammar allows nothing but an end."""
         params = request.params
-        ends = params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
-        blocked = ends if len(request.output_ids) < params.min_tokens else ()
-        constraint = request.constraint
-        allowed = None if constraint is None else constraint.allowed()
+        blocked = self._end_ids(params) if len(request.output_ids) < params.min_tokens else ()
+        allowed = None if request.constraint is None else request.constraint.allowed()
         if allowed is not None and blocked and not allowed.index_fill(0, torch.tensor(blocked), False).any():
             blocked = ()  # min_tokens yields to a complete output, whose grammar allows nothing but its end
-        token, logprob = sample_next(logits, params, request.generator, request.prompt_ids, request.output_ids, blocked, argmax,
-                                     allowed=allowed)
+        return blocked, allowed
+
+    def _end_ids(self, params: SamplingParams) -> tuple[int, ...]:
+        return params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
+
+    @staticmethod
+    def _token_logprobs(logits: torch.Tensor, rows: list[tuple[int, Request]], tokens: list[int]) -> list[TokenLogprob | None]:
+        """Each chosen token's log-probabilities, for the requests that ask for them, in one call."""
+        wanted = [i for i, (_, request) in enumerate(rows) if request.params.logprobs is not None]
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        if wanted:
+            k = max(rows[i][1].params.logprobs for i in wanted)
+            found = token_logprobs(logits[[rows[i][0] for i in wanted]], torch.tensor([tokens[i] for i in wanted], device=logits.device), k)
+            for i, logprob in zip(wanted, found):
+                out[i] = replace(logprob, top=logprob.top[: rows[i][1].params.logprobs])
+        return out
+
+    def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        params = request.params
+        ends = self._end_ids(params)
+        constraint = request.constraint
         if constraint is not None:
             constraint.accept(token)
         now = time.perf_counter()
