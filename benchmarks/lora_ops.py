@@ -188,12 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                     tiled = segments.one_tile_per_segment or len(segments.segments) >= TILED_MIN_SEGMENTS
                     layer_path = "tiled" if tiled else "loop"
                     rows_desc = str(counts[0]) if len(set(counts)) == 1 else f"{max(counts)}..{min(counts)}"
-                    print(f"| {dname} | {n_ad} | {split} | {rows_desc} | {segments.tile} | {ms['base']:.3f} | "
+                    print(f"| {dname} | {n_ad} | {split} | {rows_desc} | {segments.tiles.tile} | {ms['base']:.3f} | "
                           f"{ms['loop']:.3f} | {ms['tiled']:.3f} | {loop_ovh:+.1f}% | {tiled_ovh:+.1f}% | "
                           f"{speedup:.2f}x | {diff:.2g} | {spread:.0f}% | {layer_path} |")
                     sys.stdout.flush()
                     results.append(dict(
-                        dtype=dname, adapters=n_ad, split=split, rows_per_adapter=counts, tile=segments.tile,
+                        dtype=dname, adapters=n_ad, split=split, rows_per_adapter=counts, tile=segments.tiles.tile,
                         base_ms=ms["base"], loop_ms=ms["loop"], tiled_ms=ms["tiled"],
                         loop_overhead_pct=loop_ovh, tiled_overhead_pct=tiled_ovh, tiled_speedup=speedup,
                         base_min_ms=ms["base_min"], loop_min_ms=ms["loop_min"], tiled_min_ms=ms["tiled_min"],

@@ -139,12 +139,12 @@ def test_layer_sees_in_place_weight_updates_through_generations(always_tiled):
 
 def test_tiles_are_one_per_segment_when_segments_are_alike():
     even = LoraSegments.from_segments(32, [(0, 8, 3), (8, 16, 1), (16, 24, 0), (24, 32, 2)])
-    assert (even.tile, even.tile_slot_key, even.one_tile_per_segment, even.dense) == (8, (3, 1, 0, 2), True, True)
-    assert torch.equal(even.tile_rows.flatten(), torch.arange(32))
+    assert (even.tiles.tile, even.tiles.tile_slot_key, even.one_tile_per_segment, even.tiles.dense) == (8, (3, 1, 0, 2), True, True)
+    assert torch.equal(even.tiles.tile_rows.flatten(), torch.arange(32))
     ragged = LoraSegments.from_segments(32, [(0, 7, 0), (7, 15, 1), (15, 20, 2)])  # 3 x 8 rows for 20
-    assert (ragged.tile, ragged.one_tile_per_segment, ragged.dense) == (8, True, False)
+    assert (ragged.tiles.tile, ragged.one_tile_per_segment, ragged.tiles.dense) == (8, True, False)
     skewed = LoraSegments.from_segments(32, [(0, 20, 0), (20, 26, 1), (26, 30, 2), (30, 32, 3)])
-    assert skewed.tile == 8 and skewed.tile_slot_key == (0, 0, 0, 1, 2, 3) and not skewed.one_tile_per_segment
+    assert skewed.tiles.tile == 8 and skewed.tiles.tile_slot_key == (0, 0, 0, 1, 2, 3) and not skewed.one_tile_per_segment
 
 
 def test_layer_regathers_tile_weights_when_the_layout_changes():

@@ -132,6 +132,7 @@ def test_layer_takes_the_kernel_for_bf16_inference_rows_and_agrees_with_the_pyto
     with torch.no_grad(), mock.patch("loramux.lora.layer.add_lora_native", calls):
         got = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
         assert calls.call_count == 1
+        assert "tiles" not in vars(seg)  # the PyTorch path's tile plan is never built for the kernel
         with mock.patch.object(segmented_lora, "accepts", lambda *a: False):
             pytorch_path = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
         assert calls.call_count == 1

@@ -128,7 +128,7 @@ class FusedLoraLinear(nn.Module):
         to the next the tiles' slots rarely change, and gathering them costs more than the deltas
         themselves. They are kept across changes to other slots (an optimizer step on an adapter no
         tile uses leaves them current)."""
-        key = (generations.latest(segments.slots), segments.tile_slot_key)
+        key = (generations.latest(segments.slots), segments.tiles.tile_slot_key)
         if self._tiles is None or self._tiles[0] != key:
             self._tiles = key, self.stacked(generations).tiles(segments)
         return self._tiles[1]

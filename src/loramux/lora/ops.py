@@ -150,7 +150,7 @@ class StackedLora(_SlotStack):
 
     def tiles(self, segments: LoraSegments) -> TileWeights:
         """Every tile's weights, gathered (copied) by its slot."""
-        return TileWeights(self.A_t[segments.tile_slots], self.B_t[segments.tile_slots])
+        return TileWeights(self.A_t[segments.tiles.tile_slots], self.B_t[segments.tiles.tile_slots])
 
 
 @dataclass(frozen=True)
@@ -304,18 +304,18 @@ def add_lora_tiled(y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, til
     """Same result as `add_lora_loop` (no dropout). y: [T, out], x: [T, in]; returns y.
     `tiles` holds the stacked weights of each tile's slot (`StackedLora.tiles(segments)`).
 
-    xt = x[tile_rows]                  [n_tiles, tile, in]   (a view of x when segments.dense)
+    xt = x[tile_rows]                  [n_tiles, tile, in]   (a view of x when the plan is dense)
     h  = xt @ A[tile]                  [n_tiles, tile, max_rank]
     d  = h @ B[tile]                   [n_tiles, tile, out]
     y[valid_rows] += d.flat[valid]
     """
-    xc = x.to(tiles.A.dtype)
-    if segments.dense:
-        h = torch.bmm(xc.view(*segments.tile_rows.shape, -1), tiles.A)
+    plan, xc = segments.tiles, x.to(tiles.A.dtype)
+    if plan.dense:
+        h = torch.bmm(xc.view(*plan.tile_rows.shape, -1), tiles.A)
         if xc is x:
             y.view(*h.shape[:2], -1).baddbmm_(h, tiles.B)
             return y
         return y.add_(torch.bmm(h, tiles.B).view_as(y))
-    h = torch.bmm(xc[segments.tile_rows], tiles.A)
+    h = torch.bmm(xc[plan.tile_rows], tiles.A)
     d = torch.bmm(h, tiles.B).reshape(-1, y.shape[1])
-    return y.index_add_(0, segments.valid_rows, d[segments.valid].to(y.dtype))
+    return y.index_add_(0, plan.valid_rows, d[plan.valid].to(y.dtype))
