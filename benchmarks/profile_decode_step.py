@@ -3,7 +3,10 @@
 The default model with the bench's adapters (rank 16, all linears), `rows` requests (64-token
 prompts, spread over `adapters` adapters; 0: the bare base model) decoding together, greedy or
 sampling at `temperature` (each request with its own seed). Prints the
-median step time over 10 steps, then the top ops by self CPU time over 5 profiled steps.
+median step time over 10 steps and, measured right after in the same process, the model's linear
+layers alone over the same rows (`bench/machine.linears_step_seconds`, the roofline's bound: the
+step's share of it is the bound's time / the step's), then the top ops by self CPU time over 5
+profiled steps.
 
     .venv/bin/python benchmarks/profile_decode_step.py bfloat16 32 4
     .venv/bin/python benchmarks/profile_decode_step.py float32 1 4
@@ -19,6 +22,7 @@ import time
 from torch.profiler import ProfilerActivity, profile
 
 from decoding import decoding_engine
+from loramux.bench.machine import linears_step_seconds
 
 
 def main(dtype: str = "bfloat16", rows: int = 32, adapters: int = 4, temperature: float = 0.0) -> None:
@@ -28,7 +32,10 @@ def main(dtype: str = "bfloat16", rows: int = 32, adapters: int = 4, temperature
         t0 = time.perf_counter()
         engine.step()
         seconds.append(time.perf_counter() - t0)
-    print(f"{dtype}, {rows} rows, {adapters} adapters, temperature {temperature}: {1e3 * statistics.median(seconds):.1f} ms per decode step", flush=True)
+    step = statistics.median(seconds)
+    print(f"{dtype}, {rows} rows, {adapters} adapters, temperature {temperature}: {1e3 * step:.1f} ms per decode step", flush=True)
+    bound = linears_step_seconds(engine.model.config, rows, engine.model.dtype, seconds=2.0)
+    print(f"linear layers alone over {rows} rows: {1e3 * bound:.1f} ms; the step is at {100 * bound / step:.0f}% of that bound", flush=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             engine.step()

@@ -1,7 +1,8 @@
 """The native segmented LoRA kernel (lora/segmented_lora): on bf16 rows it adds the deltas the loop
-reference defines, rounded once as torch rounds, in every layout the layer hands it, reading the
-packed stack by slot; the layer takes it for bf16 inference rows, decode and prefill (where the
-PyTorch paths, which round twice, stay within bf16 tolerance of the same reference)."""
+reference defines, rounded once as torch rounds, on float32 rows the same deltas within float32
+summation error, in every layout the layer hands it, reading the packed stack by slot; the layer
+takes it for bf16 and float32 inference rows, decode and prefill (where the PyTorch paths, which
+round twice, stay within bf16 tolerance of the same reference)."""
 
 from __future__ import annotations
 
@@ -29,32 +30,36 @@ RANKS = {"q_proj": 8, "k_proj": 24, "v_proj": 40}
 ADAPTERS = {0: ("q_proj", "k_proj", "v_proj"), 1: ("k_proj",), 2: ("q_proj", "v_proj")}
 
 
-def _adapters(seed: int = 0) -> dict[str, dict[int, LoraWeights]]:
-    """bf16 adapters; powers-of-two scales, so folding the scale into bf16 B is exact."""
+def _adapters(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, dict[int, LoraWeights]]:
+    """Adapters of `dtype` (bf16 values either way); powers-of-two scales, so folding the scale into
+    B is exact."""
     g = torch.Generator().manual_seed(seed)
     adapters: dict[str, dict[int, LoraWeights]] = {name: {} for name, _ in OUTS}
     outs = dict(OUTS)
     for slot, names in ADAPTERS.items():
         for name in names:
             r = RANKS[name] if slot == 0 else max(1, RANKS[name] // 2 - slot)
-            adapters[name][slot] = LoraWeights(A=(torch.randn(r, IN, generator=g) / IN**0.5).bfloat16(),
-                                               B=torch.randn(outs[name], r, generator=g).bfloat16(), scale=2.0 ** (slot - 1))
+            adapters[name][slot] = LoraWeights(A=(torch.randn(r, IN, generator=g) / IN**0.5).bfloat16().to(dtype),
+                                               B=torch.randn(outs[name], r, generator=g).bfloat16().to(dtype), scale=2.0 ** (slot - 1))
     return adapters
 
 
 def _expected(y: torch.Tensor, x: torch.Tensor, segments: LoraSegments, adapters) -> torch.Tensor:
-    """y + each projection's deltas (the loop reference in float64), rounded once to bf16."""
+    """y + each projection's deltas (the loop reference in float64), rounded once to y's dtype."""
     columns = []
     for (name, _), y_part in zip(OUTS, y.double().split([out for _, out in OUTS], dim=-1)):
         weights = {s: LoraWeights(w.A.double(), w.B.double(), w.scale) for s, w in adapters[name].items()}
         columns.append(add_lora_loop(y_part.clone(), x.double(), segments, weights))
-    return torch.cat(columns, dim=-1).bfloat16()
+    return torch.cat(columns, dim=-1).to(y.dtype)
 
 
 def assert_rounded_once(got: torch.Tensor, expected: torch.Tensor, min_equal: float = 0.97) -> None:
-    """Equal but for float32 summation order: at most one bf16 step apart, and more than `min_equal`
-    of the elements exactly equal."""
-    assert got.dtype == torch.bfloat16
+    """Equal but for float32 summation order: bf16, at most one bf16 step apart, and more than
+    `min_equal` of the elements exactly equal; float32, within a few float32 steps."""
+    assert got.dtype == expected.dtype
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        return
     torch.testing.assert_close(got.double(), expected.double(), rtol=2**-7, atol=1e-6)
     assert (got == expected).double().mean().item() > min_equal
 
@@ -72,18 +77,20 @@ LAYOUTS = {
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("isa", ["this CPU's", "avx2"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_kernel_adds_the_reference_deltas_rounded_once(layout, isa):
+def test_kernel_adds_the_reference_deltas_rounded_once(layout, isa, dtype):
     """In the build for this CPU, and in the AVX2 build (8 lanes, other register blocking) that an
-    AVX2-only CPU runs."""
+    AVX2-only CPU runs; bf16 rows with a bf16 stack, float32 rows with a float32 one."""
     num_rows, segments = LAYOUTS[layout]
     seg = LoraSegments.from_segments(num_rows, segments)
-    adapters = _adapters()
+    adapters = _adapters(dtype=dtype)
     packed = PackedLora.build_fused([(adapters[name], out) for name, out in OUTS], IN)
+    assert packed.A_t.dtype == packed.B.dtype == dtype
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(num_rows, IN, generator=g).bfloat16()
-    y = torch.randn(num_rows, sum(out for _, out in OUTS), generator=g).bfloat16()
+    x = torch.randn(num_rows, IN, generator=g).to(dtype)
+    y = torch.randn(num_rows, sum(out for _, out in OUTS), generator=g).to(dtype)
     assert segmented_lora.accepts(y, x)
     with contextlib.ExitStack() as stack:
         if isa == "avx2":
@@ -114,20 +121,21 @@ def test_the_packed_stack_holds_the_blocks_of_the_block_diagonal_stack_and_nothi
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", ["decode", "long-segment"])
-def test_layer_takes_the_kernel_for_bf16_inference_rows_and_agrees_with_the_pytorch_path(layout):
-    layer = FusedLoraLinear(IN, OUTS, bias=True, layer_idx=0).bfloat16()
+def test_layer_takes_the_kernel_for_inference_rows_and_agrees_with_the_pytorch_path(layout, dtype):
+    layer = FusedLoraLinear(IN, OUTS, bias=True, layer_idx=0).to(dtype)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
         layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
-    adapters = _adapters()
+    adapters = _adapters(dtype=dtype)
     for name, by_slot in adapters.items():
         for slot, w in by_slot.items():
             layer.projections[name].set_adapter(slot, w)
     num_rows, segments = LAYOUTS[layout]
     seg = LoraSegments.from_segments(num_rows, segments)
-    x = torch.randn(num_rows, IN, generator=g).bfloat16()
+    x = torch.randn(num_rows, IN, generator=g).to(dtype)
     calls = mock.Mock(wraps=segmented_lora.add_lora_native)
     with torch.no_grad(), mock.patch("loramux.lora.layer.add_lora_native", calls):
         got = layer(x, seg, builds_graph=False, generations=AdapterGenerations())
@@ -138,6 +146,9 @@ def test_layer_takes_the_kernel_for_bf16_inference_rows_and_agrees_with_the_pyto
         assert calls.call_count == 1
     expected = _expected(torch.nn.functional.linear(x, layer.weight, layer.bias), x, seg, adapters)
     assert_rounded_once(got, expected)
+    if dtype == torch.float32:
+        torch.testing.assert_close(pytorch_path, expected, rtol=1e-5, atol=1e-5)
+        return
     # the PyTorch paths round the base output and the deltas to bf16 apart before adding them
     torch.testing.assert_close(pytorch_path.double(), expected.double(), rtol=2**-6, atol=2**-8 * expected.abs().max().item())
 
@@ -163,6 +174,10 @@ def test_a_batch_with_adapters_that_skip_this_linear_reads_only_the_stack_slots_
     assert_rounded_once(got, _expected(base, x, seg, adapters))
 
 
-def test_float32_rows_keep_the_pytorch_path():
-    x = torch.zeros(2, IN)
-    assert not segmented_lora.accepts(x, x)
+def test_other_dtypes_keep_the_pytorch_path_and_a_stack_of_another_dtype_is_refused():
+    half, f32, bf16 = torch.zeros(2, IN, dtype=torch.float16), torch.zeros(2, IN), torch.zeros(2, IN, dtype=torch.bfloat16)
+    assert not segmented_lora.accepts(half, half)
+    assert not segmented_lora.accepts(bf16, f32) and not segmented_lora.accepts(f32, bf16)
+    packed = PackedLora.build_fused([(_adapters()[name], out) for name, out in OUTS], IN)  # bf16
+    with pytest.raises(ValueError, match="the packed stack is torch.bfloat16, the rows torch.float32"):
+        segmented_lora.add_lora_native(torch.zeros(2, 100), f32, torch.tensor([[0, 2, 0]]), packed)

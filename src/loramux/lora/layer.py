@@ -62,9 +62,10 @@ class FusedLoraLinear(nn.Module):
     Rows that build graphs join the group's adapters on the fly from their own A and B, so that
     autograd reaches them (`add_lora_group`). Other rows use one stacked copy of all adapters of
     the group (A of all projections concatenated, B block-diagonal, scale folded in). Either way
-    each segment costs two matmuls for the whole group. bf16 rows on x86-64 CPUs (AVX-512 or AVX2) take one
-    call of the native kernel (`lora/segmented_lora`), which reads a bf16 `PackedLora` in place by
-    slot; other rows a float32 `StackedLora`: with one tile per segment or many segments, two
+    each segment costs two matmuls for the whole group. bf16 and float32 rows on x86-64 CPUs
+    (AVX-512 or AVX2) take one call of the native kernel (`lora/segmented_lora`), which reads a
+    `PackedLora` of their dtype in place by slot; other rows (other CPUs or devices, other dtypes) a
+    float32 `StackedLora`: with one tile per segment or many segments, two
     batched matmuls serve all of them, against the tiles' weights gathered from the stack and kept
     while the tiles' slots stay the same. A linear holds one stack, of the kind its rows take.
     """

@@ -155,7 +155,8 @@ class StackedLora(_SlotStack):
 
 @dataclass(frozen=True)
 class PackedLora(_SlotStack):
-    """The stack the native kernel reads by slot (lora/segmented_lora): bf16, and of B only the
+    """The stack the native kernel reads by slot (lora/segmented_lora): in the adapters' dtype
+    (float32 for float32 adapters, else bf16, the dtypes the kernel reads), and of B only the
     projections' blocks, so a slot costs its adapter's own bytes (plus rank padding).
 
     B: [num_slots, sum(rank_i * out_i)]: projection i's block (scale * B_i.T, [rank_i, out_i]),
@@ -171,7 +172,7 @@ class PackedLora(_SlotStack):
 
     @classmethod
     def _dtype(cls, adapter_dtype: torch.dtype) -> torch.dtype:
-        return torch.bfloat16
+        return torch.float32 if adapter_dtype == torch.float32 else torch.bfloat16
 
     @classmethod
     def _allocate(cls, num_slots, in_features, ranks, outs, dtype, device) -> PackedLora:

@@ -1,7 +1,7 @@
 """Native CPU kernels for the small, frequent operations PyTorch runs as many ops: C files here
 (`*.c`, sharing `bf16.h`), compiled into libraries loaded with ctypes.
 
-- `segmented_lora.c`: the LoRA deltas of bf16 inference rows, one call per fused linear (called
+- `segmented_lora.c`: the LoRA deltas of bf16 and float32 inference rows, one call per fused linear (called
   from lora/segmented_lora.py, beside the PyTorch paths it replaces);
 - `rms_norm.c`: RMSNorm of inference rows, one pass per row (native/rms_norm.py);
 - `paged_attention.c`: decode attention read in place from the paged KV cache

@@ -1,16 +1,17 @@
-/* The segmented multi-LoRA matmul for bf16 inference rows (loramux.lora.segmented_lora).
+/* The segmented multi-LoRA matmul for inference rows (loramux.lora.segmented_lora).
  *
  * For every segment (start, end, w):   y[start:end] += (x[start:end] @ A[w]) @ B[w]
  *
- *   x: [T, in], y: [T, out]     bfloat16, row-major, contiguous
- *   A: [S, in, R]               bfloat16, contiguous: every slot's A, read at slot w
- *   B: [S, b_stride]            bfloat16, contiguous: every slot's B, packed by block
+ *   x: [T, in], y: [T, out]     row-major, contiguous
+ *   A: [S, in, R]               contiguous: every slot's A, read at slot w
+ *   B: [S, b_stride]            contiguous: every slot's B, packed by block
  *   blocks: n_blocks x (k0, k1, c0, c1, off): B[w] is block-diagonal (a fused group's projections)
  *           and only its blocks are stored: rows k0..k1 x columns c0..c1 of B[w] lie row-major,
  *           (k1 - k0) x (c1 - c0), at B + w * b_stride + off
  *   h: [T, R] float32 scratch
+ *   x, y, A and B all bfloat16 (`_bf16`) or all float32 (`_f32`).
  *
- * Everything is computed in float32 and y rounded once, to nearest even as torch rounds.
+ * Everything is computed in float32; bf16 y is rounded once, to nearest even as torch rounds.
  * Both phases run on OpenMP threads: the library links libgomp.so.1, which resolves to the copy
  * torch has already loaded, so it shares torch's thread pool and thread count.
  *
@@ -37,7 +38,7 @@
 
 /* h[r0 + r, k + j * LANES ...] = x[r0 + r] @ A[:, k + j * LANES ...] for r < n rows and j < nk
  * vectors of rank columns; `full`: all nk vectors lie inside R (plain loads, no tail) */
-INLINE void shrink(const uint16_t *x, const uint16_t *a, float *h, int64_t in, int64_t R, int64_t r0, int n, int64_t k,
+INLINE void shrink(bool bf16, const void *x, const void *a, float *h, int64_t in, int64_t R, int64_t r0, int n, int64_t k,
                    int nk, bool full) {
     vf acc[ROWS][KVECS];
     for (int r = 0; r < ROWS; r++)
@@ -45,9 +46,10 @@ INLINE void shrink(const uint16_t *x, const uint16_t *a, float *h, int64_t in, i
     for (int64_t i = 0; i < in; i++) {
         vf av[KVECS];
         for (int j = 0; j < nk; j++)
-            av[j] = full ? load_bf16(a + i * R + k + LANES * j) : load_bf16_n(a + i * R + k + LANES * j, R - k - LANES * j);
+            av[j] = load_n(bf16, a, i * R + k + LANES * j, full ? LANES : R - k - LANES * j);
         for (int r = 0; r < n; r++) {
-            const float xv = scalar_bf16(x[(r0 + r) * in + i]);
+            const int64_t at = (r0 + r) * in + i;
+            const float xv = bf16 ? scalar_bf16(((const uint16_t *)x)[at]) : ((const float *)x)[at];
             for (int j = 0; j < nk; j++) acc[r][j] += xv * av[j];
         }
     }
@@ -55,10 +57,10 @@ INLINE void shrink(const uint16_t *x, const uint16_t *a, float *h, int64_t in, i
         for (int j = 0; j < nk; j++) store_f32_n(h + (r0 + r) * R + k + LANES * j, acc[r][j], R - k - LANES * j);
 }
 
-void loramux_add_lora_segments(const uint16_t *x, uint16_t *y, int64_t in, int64_t out,
-                               const uint16_t *A, const uint16_t *B, int64_t R, int64_t b_stride,
-                               const int64_t *blocks, int64_t n_blocks,
-                               const int64_t *segments, int64_t n_segments, float *h) {
+INLINE void add_lora_segments(bool bf16, const void *x, void *y, int64_t in, int64_t out, const void *A, const void *B,
+                              int64_t R, int64_t b_stride, const int64_t *blocks, int64_t n_blocks,
+                              const int64_t *segments, int64_t n_segments, float *h) {
+    const int64_t size = bf16 ? 2 : 4; /* bytes per element of x, y, A and B */
     /* work items: ROWS-row chunks of the segments; the expand also splits columns in PIECEs */
     int64_t n_chunks = 0;
     for (int64_t s = 0; s < n_segments; s++) n_chunks += (segments[3 * s + 1] - segments[3 * s] + ROWS - 1) / ROWS;
@@ -72,12 +74,12 @@ void loramux_add_lora_segments(const uint16_t *x, uint16_t *y, int64_t in, int64
     for (int64_t c = 0; c < n_chunks; c++) {
         const int64_t s = chunk_segment[c], r0 = chunk_row[c];
         const int n = (int)min64(segments[3 * s + 1] - r0, ROWS);
-        const uint16_t *a = A + segments[3 * s + 2] * in * R;
+        const char *a = (const char *)A + segments[3 * s + 2] * in * R * size;
         for (int64_t k = 0; k < R; k += KVECS * LANES) {
             if (R - k >= KVECS * LANES)
-                shrink(x, a, h, in, R, r0, n, k, KVECS, true);
+                shrink(bf16, x, a, h, in, R, r0, n, k, KVECS, true);
             else
-                shrink(x, a, h, in, R, r0, n, k, (int)((R - k + LANES - 1) / LANES), false);
+                shrink(bf16, x, a, h, in, R, r0, n, k, (int)((R - k + LANES - 1) / LANES), false);
         }
     }
 
@@ -94,25 +96,37 @@ void loramux_add_lora_segments(const uint16_t *x, uint16_t *y, int64_t in, int64
         const int64_t col0 = piece_col[it % n_pieces], col1 = min64(col0 + PIECE, blk[3]);
         const int n = (int)min64(segments[3 * s + 1] - r0, ROWS);
         const int64_t width = blk[3] - blk[2];
-        const uint16_t *b0 = B + segments[3 * s + 2] * b_stride + blk[4] - blk[2]; /* + (k - k0) * width + col */
+        const char *b0 = (const char *)B + (segments[3 * s + 2] * b_stride + blk[4] - blk[2]) * size; /* + ((k - k0) * width + col) elements */
         for (int64_t col = col0; col < col1; col += LANES) {
             const int64_t m = col1 - col;
             vf acc[ROWS];
             for (int r = 0; r < ROWS; r++) acc[r] = (vf){0};
             if (m >= LANES)
                 for (int64_t k = blk[0]; k < blk[1]; k++) {
-                    const vf bv = load_bf16(b0 + (k - blk[0]) * width + col);
+                    const vf bv = load_n(bf16, b0, (k - blk[0]) * width + col, LANES);
                     for (int r = 0; r < n; r++) acc[r] += h[(r0 + r) * R + k] * bv;
                 }
             else
                 for (int64_t k = blk[0]; k < blk[1]; k++) {
-                    const vf bv = load_bf16_n(b0 + (k - blk[0]) * width + col, m);
+                    const vf bv = load_n(bf16, b0, (k - blk[0]) * width + col, m);
                     for (int r = 0; r < n; r++) acc[r] += h[(r0 + r) * R + k] * bv;
                 }
             for (int r = 0; r < n; r++) {
-                uint16_t *at = y + (r0 + r) * out + col;
-                store_bf16_n(at, load_bf16_n(at, m) + acc[r], m);
+                const int64_t at = (r0 + r) * out + col;
+                store_n(bf16, y, at, load_n(bf16, y, at, m) + acc[r], m);
             }
         }
     }
+}
+
+void loramux_add_lora_segments_bf16(const uint16_t *x, uint16_t *y, int64_t in, int64_t out, const uint16_t *A,
+                                    const uint16_t *B, int64_t R, int64_t b_stride, const int64_t *blocks,
+                                    int64_t n_blocks, const int64_t *segments, int64_t n_segments, float *h) {
+    add_lora_segments(true, x, y, in, out, A, B, R, b_stride, blocks, n_blocks, segments, n_segments, h);
+}
+
+void loramux_add_lora_segments_f32(const float *x, float *y, int64_t in, int64_t out, const float *A, const float *B,
+                                   int64_t R, int64_t b_stride, const int64_t *blocks, int64_t n_blocks,
+                                   const int64_t *segments, int64_t n_segments, float *h) {
+    add_lora_segments(false, x, y, in, out, A, B, R, b_stride, blocks, n_blocks, segments, n_segments, h);
 }

@@ -93,4 +93,12 @@ INLINE void store_bf16_n(uint16_t *p, vf v, int64_t n) {
         memcpy(p, &h, (size_t)n * 2);
 }
 
+/* the first n lanes of v (all if n >= LANES) into p + i, as float32 or rounded to bf16 */
+INLINE void store_n(int bf16, void *p, int64_t i, vf v, int64_t n) {
+    if (bf16)
+        store_bf16_n((uint16_t *)p + i, v, n);
+    else
+        store_f32_n((float *)p + i, v, n);
+}
+
 #endif
