@@ -1,4 +1,5 @@
-"""Micro-benchmark of the segmented multi-LoRA op: per-segment loop vs. tiled batched path.
+"""Micro-benchmark of the segmented multi-LoRA op: per-segment loop vs. tiled batched path vs. the
+native kernel.
 
 What it measures
 ----------------
@@ -12,8 +13,11 @@ row split it times the median wall-clock over ``--repeat`` runs (after warm-up) 
 3. ``tiled`` : base + ``add_lora_tiled`` (two batched matmuls over equal tiles of all segments),
    with the tiles' stacked weights (``StackedLora.build(...).tiles(segments)``) gathered once outside
    the timed region, as ``MultiLoraLinear`` keeps them from one step to the next.
+4. ``native``: base + ``add_lora_native`` (lora/segmented_lora: one C call reading a ``PackedLora``
+   of x's dtype in place by slot), where the kernel takes this dtype on this machine (bf16 and
+   float32 on x86-64 CPUs with AVX-512 or AVX2); "-" elsewhere.
 
-The three variants are interleaved inside every repeat (order rotated), so drift in machine load
+The variants are interleaved inside every repeat (order rotated), so drift in machine load
 hits all of them alike. ``LoraSegments`` is also built outside the timed region (it is computed
 once per step and shared by every linear).
 
@@ -22,16 +26,17 @@ Row splits:
 - ``zipf``   : adapter k (1-based) gets rows proportional to 1/k**s (``--zipf-s``, default 1.0),
   every adapter at least one row (skipped for a single adapter, where it equals ``uniform``).
 
-Before timing, every configuration checks once that the tiled and the loop outputs agree (max
+Before timing, every configuration checks once that the tiled and native outputs agree with the loop's (max
 absolute difference printed; float32 must be within 1e-4, bfloat16 within a few bf16 ulps of the
 output's magnitude), so the benchmark never times a wrong result: a mismatch aborts the run.
 
-The "spread" column is the largest interquartile range of the three variants, as % of its median:
+The "spread" column is the largest interquartile range of the variants, as % of its median:
 a quick flag for a noisy measurement (e.g. another process competing for the cores). The 1-minute
 load average is printed before and after the run for the same reason.
 
 The "layer uses" column says which path ``MultiLoraLinear.forward`` would pick for that batch at
-inference (tiled when every segment fits one tile, or from ``TILED_MIN_SEGMENTS`` segments up).
+inference (native where the kernel takes the dtype; else tiled when every segment fits one tile,
+or from ``TILED_MIN_SEGMENTS`` segments up).
 
 How to run
 ----------
@@ -58,7 +63,8 @@ import torch.nn.functional as F
 
 from loramux.lora.layer import TILED_MIN_SEGMENTS
 from timing import time_interleaved
-from loramux.lora.ops import LoraWeights, StackedLora, add_lora_loop, add_lora_tiled
+from loramux.lora import segmented_lora
+from loramux.lora.ops import LoraWeights, PackedLora, StackedLora, add_lora_loop, add_lora_tiled
 from loramux.lora.segments import LoraSegments
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,30 +109,37 @@ def make_case(rows, in_f, out_f, rank, counts, dtype, seed, scale=2.0):
         start += n
     segments = LoraSegments.from_segments(rows, spans)
     tiles = StackedLora.build(weights, in_f, out_f).tiles(segments)
-    return x, W, weights, segments, tiles
+    packed = PackedLora.build(weights, in_f, out_f) if segmented_lora.accepts(x, x) else None
+    return x, W, weights, segments, tiles, packed
 
 
-def check(x, W, weights, segments, tiles, dtype) -> float:
-    """Max |tiled - loop|; raises if they disagree beyond the dtype's tolerance."""
-    y_loop = add_lora_loop(F.linear(x, W), x, segments, weights)
-    y_tiled = add_lora_tiled(F.linear(x, W), x, segments, tiles)
-    diff = (y_tiled.float() - y_loop.float()).abs().max().item()
-    if dtype == torch.float32:
-        tol = 1e-4
-    else:  # a few ulps at the output's magnitude (the tiled path folds scale into B before rounding)
-        tol = 4 * torch.finfo(dtype).eps * max(1.0, y_loop.float().abs().max().item())
-    if not diff <= tol:  # also catches NaN
-        raise SystemExit(f"MISMATCH: max |tiled - loop| = {diff:.3g} > tol {tol:.3g}; refusing to time a wrong result")
-    return diff
-
-
-def time_case(x, W, weights, segments, tiles, warmup: int, repeat: int) -> dict[str, float]:
-    fns = {
+def variants(x, W, weights, segments, tiles, packed) -> dict:
+    out = {
         "base": lambda: F.linear(x, W),
         "loop": lambda: add_lora_loop(F.linear(x, W), x, segments, weights),
         "tiled": lambda: add_lora_tiled(F.linear(x, W), x, segments, tiles),
     }
-    return time_interleaved(fns, warmup, repeat)
+    if packed is not None:
+        out["native"] = lambda: segmented_lora.add_lora_native(F.linear(x, W), x, segments.spans, packed)
+    return out
+
+
+def check(fns: dict, dtype) -> float:
+    """Max |variant - loop| over the tiled and native variants; raises if one disagrees beyond the
+    dtype's tolerance."""
+    y_loop = fns["loop"]()
+    if dtype == torch.float32:
+        tol = 1e-4
+    else:  # a few ulps at the output's magnitude (the tiled path folds scale into B before rounding)
+        tol = 4 * torch.finfo(dtype).eps * max(1.0, y_loop.float().abs().max().item())
+    worst = 0.0
+    for name in ("tiled", "native"):
+        if name in fns:
+            diff = (fns[name]().float() - y_loop.float()).abs().max().item()
+            if not diff <= tol:  # also catches NaN
+                raise SystemExit(f"MISMATCH: max |{name} - loop| = {diff:.3g} > tol {tol:.3g}; refusing to time a wrong result")
+            worst = max(worst, diff)
+    return worst
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rows {a.rows}, linear {a.in_features} -> {a.out_features}, rank {a.rank}, "
           f"median of {a.repeat} runs after {a.warmup} warm-up, inference_mode; load average {load_before:.2f}")
     print()
-    header = ["dtype", "adapters", "split", "rows/adapter", "tile", "base ms", "loop ms", "tiled ms",
-              "loop over base", "tiled over base", "tiled vs loop", "max abs diff", "spread", "layer uses"]
+    header = ["dtype", "adapters", "split", "rows/adapter", "tile", "base ms", "loop ms", "tiled ms", "native ms",
+              "loop over base", "tiled over base", "native over base", "tiled vs loop", "max abs diff", "spread", "layer uses"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" if i < 3 or i == len(header) - 1 else "---:" for i in range(len(header))) + "|")
     sys.stdout.flush()
@@ -177,24 +190,27 @@ def main(argv: list[str] | None = None) -> int:
                     if split == "zipf" and n_ad == 1:
                         continue  # identical to uniform
                     counts = split_rows(a.rows, n_ad, split, a.zipf_s)
-                    x, W, weights, segments, tiles = make_case(
-                        a.rows, a.in_features, a.out_features, a.rank, counts, dtype, a.seed, a.lora_scale)
-                    diff = check(x, W, weights, segments, tiles, dtype)
-                    ms = time_case(x, W, weights, segments, tiles, a.warmup, a.repeat)
+                    case = make_case(a.rows, a.in_features, a.out_features, a.rank, counts, dtype, a.seed, a.lora_scale)
+                    segments, fns = case[3], variants(*case)
+                    diff = check(fns, dtype)
+                    ms = time_interleaved(fns, a.warmup, a.repeat)
                     loop_ovh = 100 * (ms["loop"] / ms["base"] - 1)
                     tiled_ovh = 100 * (ms["tiled"] / ms["base"] - 1)
+                    native_ovh = 100 * (ms["native"] / ms["base"] - 1) if "native" in ms else None
                     speedup = ms["loop"] / ms["tiled"]
-                    spread = max(ms[n + "_iqr_pct"] for n in ("base", "loop", "tiled"))
+                    spread = max(ms[n + "_iqr_pct"] for n in fns)
                     tiled = segments.one_tile_per_segment or len(segments.segments) >= TILED_MIN_SEGMENTS
-                    layer_path = "tiled" if tiled else "loop"
+                    layer_path = "native" if "native" in fns else "tiled" if tiled else "loop"
                     rows_desc = str(counts[0]) if len(set(counts)) == 1 else f"{max(counts)}..{min(counts)}"
+                    native_ms = f"{ms['native']:.3f}" if "native" in ms else "-"
+                    native_pct = f"{native_ovh:+.1f}%" if native_ovh is not None else "-"
                     print(f"| {dname} | {n_ad} | {split} | {rows_desc} | {segments.tiles.tile} | {ms['base']:.3f} | "
-                          f"{ms['loop']:.3f} | {ms['tiled']:.3f} | {loop_ovh:+.1f}% | {tiled_ovh:+.1f}% | "
-                          f"{speedup:.2f}x | {diff:.2g} | {spread:.0f}% | {layer_path} |")
+                          f"{ms['loop']:.3f} | {ms['tiled']:.3f} | {native_ms} | {loop_ovh:+.1f}% | {tiled_ovh:+.1f}% | "
+                          f"{native_pct} | {speedup:.2f}x | {diff:.2g} | {spread:.0f}% | {layer_path} |")
                     sys.stdout.flush()
                     results.append(dict(
                         dtype=dname, adapters=n_ad, split=split, rows_per_adapter=counts, tile=segments.tiles.tile,
-                        base_ms=ms["base"], loop_ms=ms["loop"], tiled_ms=ms["tiled"],
+                        base_ms=ms["base"], loop_ms=ms["loop"], tiled_ms=ms["tiled"], native_ms=ms.get("native"),
                         loop_overhead_pct=loop_ovh, tiled_overhead_pct=tiled_ovh, tiled_speedup=speedup,
                         base_min_ms=ms["base_min"], loop_min_ms=ms["loop_min"], tiled_min_ms=ms["tiled_min"],
                         spread_iqr_pct=spread, max_abs_diff=diff, layer_path=layer_path))
