@@ -137,6 +137,10 @@ def test_adapter_paths_are_confined(server, adapter_dirs, tmp_path):
     for path in (str(outside), str(allowed / ".." / outside.parent.name / "outside"), str(allowed / "escape")):
         r = httpx.post(f"{server.url}/v1/load_lora_adapter", headers=headers, json={"lora_name": "x", "lora_path": path})
         assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", path
+    # found by the schema fuzzer: a lone surrogate (JSON's \ud925) or a NUL is no path, and a 400, not a 500
+    for body in ('{"lora_name": "x", "lora_path": "~\\ud925x"}', '{"lora_name": "x", "lora_path": "a\\u0000b"}'):
+        r = httpx.post(f"{server.url}/v1/load_lora_adapter", headers={**headers, "Content-Type": "application/json"}, content=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (body, r.text)
     r = httpx.post(f"{server.url}/v1/load_lora_adapter", headers=headers, json={"lora_name": "alpha2", "lora_path": str(adapter_dirs["alpha"])})
     assert r.status_code == 200
     assert "alpha2" in {m.id for m in server.client().models.list().data}

@@ -8,6 +8,8 @@ clients and the fuzz test (tests/test_fuzz_api.py) read.
 
 from __future__ import annotations
 
+import os
+
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
@@ -503,6 +505,16 @@ class LoadAdapterRequest(RequestModel):
     lora_name: str = Field(min_length=1, pattern=ADAPTER_NAME_PATTERN)
     lora_path: str = Field(min_length=1)
     pinned: bool = False
+
+    @model_validator(mode="after")
+    def _path_is_a_path(self) -> LoadAdapterRequest:
+        """A path the file system can take: no NUL, no lone UTF-16 surrogates (JSON can carry them)."""
+        try:
+            if b"\0" in os.fsencode(self.lora_path):
+                refuse("lora_path", "must not contain a NUL character")
+        except UnicodeEncodeError as e:
+            refuse("lora_path", f"is not a valid file system path: {e.reason} at position {e.start}")
+        return self
 
 
 class UnloadAdapterRequest(RequestModel):
