@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,7 +41,7 @@ from loramux.engine.requests import (
     RequestOutput,
     RequestState,
 )
-from loramux.engine.sampling import SamplingParams, TokenLogprob, adjusted_scores, choose_tokens, token_logprobs
+from loramux.engine.sampling import SamplingParams, TokenLogprob, adjusted_scores, choose_tokens, chosen_logprobs, token_logprobs
 from loramux.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from loramux.kv.paged_cache import PagedKVCache
 from loramux.lora.adapter import LoraAdapter, LoraConfig
@@ -545,7 +545,7 @@ class Engine:
             for i, row in adjusted.items():
                 scores[i] = row
             tokens = choose_tokens(scores, [r.params for r in chosen], [r.generator for r in chosen])
-            logprobs = self._token_logprobs(logits, rows, tokens)
+            logprobs = chosen_logprobs(logits, [j for j, _ in rows], tokens, [r.params.logprobs for r in chosen])
         except Exception as e:
             return outputs + [self._sampling_failed(request, e) for request in chosen]
         for request, token, logprob in zip(chosen, tokens, logprobs):
@@ -571,18 +571,6 @@ class Engine:
 
     def _end_ids(self, params: SamplingParams) -> tuple[int, ...]:
         return params.stop_token_ids + (() if params.ignore_eos else self.eos_token_ids)
-
-    @staticmethod
-    def _token_logprobs(logits: torch.Tensor, rows: list[tuple[int, Request]], tokens: list[int]) -> list[TokenLogprob | None]:
-        """Each chosen token's log-probabilities, for the requests that ask for them, in one call."""
-        wanted = [i for i, (_, request) in enumerate(rows) if request.params.logprobs is not None]
-        out: list[TokenLogprob | None] = [None] * len(rows)
-        if wanted:
-            k = max(rows[i][1].params.logprobs for i in wanted)
-            found = token_logprobs(logits[[rows[i][0] for i in wanted]], torch.tensor([tokens[i] for i in wanted], device=logits.device), k)
-            for i, logprob in zip(wanted, found):
-                out[i] = replace(logprob, top=logprob.top[: rows[i][1].params.logprobs])
-        return out
 
     def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
         params = request.params

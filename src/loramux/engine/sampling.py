@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -156,9 +156,21 @@ def sample_next(
     Log-probabilities are those of the model's raw distribution, as vLLM reports by default."""
     scores = adjusted_scores(logits, params, prompt_ids, output_ids, blocked_ids, allowed)
     token = choose_tokens((logits if scores is None else scores)[None], [params], [generator])[0]
-    if params.logprobs is None:
-        return token, None
-    return token, token_logprobs(logits[None], torch.tensor([token], device=logits.device), params.logprobs)[0]
+    return token, chosen_logprobs(logits[None], [0], [token], [params.logprobs])[0]
+
+
+def chosen_logprobs(logits: torch.Tensor, rows: Sequence[int], tokens: Sequence[int], ks: Sequence[int | None]) -> list[TokenLogprob | None]:
+    """logits [N, vocab]; for each chosen token, its row of logits, the token and how many
+    alternatives it asks for (None: no log-probabilities) -> its TokenLogprob or None, from one
+    `token_logprobs` call over the rows that ask (none: no call)."""
+    wanted = [i for i, k in enumerate(ks) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(tokens)
+    if wanted:
+        found = token_logprobs(logits[[rows[i] for i in wanted]], torch.tensor([tokens[i] for i in wanted], device=logits.device),
+                               max(ks[i] for i in wanted))
+        for i, logprob in zip(wanted, found):
+            out[i] = replace(logprob, top=logprob.top[: ks[i]])
+    return out
 
 
 def adjusted_scores(
