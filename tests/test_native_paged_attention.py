@@ -27,8 +27,9 @@ from test_native_lora import assert_rounded_once
 needs_kernel = pytest.mark.skipif(native.library() is None, reason="the native kernel cannot run on this machine")
 
 BLOCK = 16
-# (heads, kv heads, head_dim): GQA as SmolLM2's, MHA, MQA
-HEADS = {"gqa": (9, 3, 64), "mha": (4, 4, 16), "mqa": (8, 1, 128)}
+# (heads, kv heads, head_dim): GQA as SmolLM2's, Llama-3.2-1B's and Llama-3-8B's (head shapes the
+# kernel is compiled for with constants), MHA and MQA (shapes it takes as they come)
+HEADS = {"gqa": (9, 3, 64), "gqa-64x4": (8, 2, 64), "gqa-128x4": (8, 2, 128), "mha": (4, 4, 16), "mqa": (8, 1, 128)}
 # one position, a partial block, one full block, several blocks with a partial one, more than three
 # of the kernel's 64-position chunks; batched together, the rows are padded to the longest
 LENGTHS = [1, 7, 16, 50, 203]
@@ -201,9 +202,10 @@ def test_the_probe_names_the_best_instruction_set_the_cpu_has(caplog, monkeypatc
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", ["gqa", "mqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_an_avx2_cpu_runs_the_avx2_build(dtype):
-    config, kv, plan, q = _case("gqa", dtype)
+def test_an_avx2_cpu_runs_the_avx2_build(dtype, shape):
+    config, kv, plan, q = _case(shape, dtype)
     with mock.patch.object(native, "cpu_isa", return_value="avx2"), \
             mock.patch.object(paged_attention, "_kernels", wraps=paged_attention._kernels) as kernels:
         got = _decode(config, kv, plan, q)

@@ -13,9 +13,9 @@ Which that is, `cpu_isa()` asks `cpu.c`, built on its own for the baseline x86-6
 runs no instruction the CPU may lack; `LORAMUX_NATIVE_ISA=avx2` makes an AVX-512 CPU run what an
 AVX2-only one would.
 
-Libraries are compiled on first use with the system's C compiler (`$CC`, else `cc`; under a second
-each) into the cache (`$LORAMUX_CACHE_DIR/kernels`, keyed by the sources, compiler and flags) and
-loaded with ctypes. Their OpenMP loops link `libgomp.so.1`, which resolves to the copy torch has
+Libraries are compiled on first use with the system's C compiler (`$CC`, else `cc`; a few seconds
+for each instruction set, most of it the attention kernel's head shapes) into the cache
+(`$LORAMUX_CACHE_DIR/kernels`, keyed by the sources, compiler and flags) and loaded with ctypes. Their OpenMP loops link `libgomp.so.1`, which resolves to the copy torch has
 already loaded, so they share torch's threads. Where one cannot be built or run (not x86-64, no
 compiler, a CPU without the instruction set, `LORAMUX_NATIVE_KERNELS=0`), it is None, callers keep
 their PyTorch path, and the log says why, once.

@@ -13,11 +13,18 @@
  *   rounded once to nearest even.
  *
  * What `Attention._decode` computes by gathering every row's context into a padded buffer for one
- * masked SDPA call, without the gather. One work item per (row, kv head): its H / KV query heads
- * share every K and V row read. The context goes by in chunks of CHUNK positions under an online
- * softmax (per head a running max and sum; what was accumulated is rescaled when a chunk raises the
- * max), so nothing of length C is kept; each chunk's K and V rows are fetched ahead of their use,
- * since a sequence's blocks lie anywhere in the pool. Work items run on torch's OpenMP threads.
+ * masked SDPA call, without the gather. One work item per (row, kv head): its G = H / KV query
+ * heads share every K and V row read. The context goes by in chunks of CHUNK positions under an
+ * online softmax (per head a running max and sum; what was accumulated is rescaled when a chunk
+ * raises the max), so nothing of length C is kept; each chunk's K and V rows are fetched ahead of
+ * their use, since a sequence's blocks lie anywhere in the pool. A head's scores come LANES
+ * positions at a time: each position's products summed to one vector, then LANES such vectors
+ * folded pairwise into one vector of their sums (`fold`), instead of one horizontal sum per
+ * position. Work items run on torch's OpenMP threads.
+ *
+ * The work item's code is compiled for each dtype and, for the usual head shapes, with D and G as
+ * constants, so that a work item's queries, sums and folds stay in registers; other shapes take
+ * the same code with D and G as they come.
  *
  * Written with the compiler's generic vectors (GCC's and Clang's vector extensions) as wide as a
  * register, so the same source is built for AVX-512 and for AVX2, and the loader takes the build
@@ -63,88 +70,129 @@ INLINE void prefetch_row(bool bf16, const void *p, int64_t offset, int64_t D) {
     for (int64_t byte = 0; byte < D * (bf16 ? 2 : 4); byte += 64) __builtin_prefetch(at + byte, 0, 3);
 }
 
-INLINE void paged_attention(
-    bool bf16, const void *q, int64_t q_stride, const void *k, const void *v, const int64_t *slots, const bool *mask,
-    void *out, int64_t B, int64_t C, int64_t H, int64_t KV, int64_t D) {
-    const int64_t G = H / KV, W = D / LANES; /* query heads per kv head, vectors per head */
-    const float scale = 1.0f / sqrtf((float)D);
-    #pragma omp parallel for schedule(dynamic) if (B * C * KV * D >= PARALLEL_FROM)
-    for (int64_t item = 0; item < B * KV; item++) {
-        const int64_t b = item / KV, kh = item % KV;
-        vf qv[G][W], acc[G][W], row[W];
-        vf p[G][CHUNK / LANES]; /* the chunk's scores, then their weights */
-        float top[G], sum[G];
-        int64_t at[CHUNK]; /* where the chunk's K and V rows start in the pools */
-        for (int64_t g = 0; g < G; g++) {
-            for (int64_t w = 0; w < W; w++) {
-                qv[g][w] = scale * load_n(bf16, q, b * q_stride + (kh * G + g) * D + LANES * w, LANES);
-                acc[g][w] = (vf){0};
-            }
-            top[g] = -INFINITY;
-            sum[g] = 0.0f;
-        }
-        for (int64_t j = 0; j < C;) {
-            int n = 0;
-            for (; j < C && n < CHUNK; j++)
-                if (mask[b * C + j]) at[n++] = (slots[b * C + j] * KV + kh) * D;
-            if (n == 0) break; /* only padding was left */
-            for (int i = 0; i < AHEAD && i < n; i++) prefetch_row(bf16, k, at[i], D);
-            for (int i = 0; i < n; i++) {
-                if (i + AHEAD < n) prefetch_row(bf16, k, at[i + AHEAD], D);
-                prefetch_row(bf16, v, at[i], D);
-                for (int64_t w = 0; w < W; w++) row[w] = load_n(bf16, k, at[i] + LANES * w, LANES);
-                for (int64_t g = 0; g < G; g++) {
-                    vf s = qv[g][0] * row[0];
-                    for (int64_t w = 1; w < W; w++) s += qv[g][w] * row[w];
-                    p[g][i / LANES][i % LANES] = hsum(s);
-                }
-            }
-            for (int64_t g = 0; g < G; g++) {
-                for (int i = n; i % LANES; i++) p[g][i / LANES][i % LANES] = -INFINITY; /* lanes past the context weigh 0 */
-                vf mv = p[g][0];
-                for (int c = 1; c < (n + LANES - 1) / LANES; c++) mv = blend(p[g][c] > mv, p[g][c], mv);
-                float m = top[g];
-                for (int l = 0; l < LANES; l++) m = mv[l] > m ? mv[l] : m;
-                if (m > top[g]) { /* a new max: what was summed so far shrinks by e^(old - new) */
-                    const float shrink = expf(top[g] - m);
-                    sum[g] *= shrink;
-                    for (int64_t w = 0; w < W; w++) acc[g][w] *= shrink;
-                    top[g] = m;
-                }
-                vf added = {0};
-                for (int c = 0; c < (n + LANES - 1) / LANES; c++) added += p[g][c] = exp_lanes(p[g][c] - m);
-                sum[g] += hsum(added);
-            }
-            for (int i = 0; i < n; i++) {
-                for (int64_t w = 0; w < W; w++) row[w] = load_n(bf16, v, at[i] + LANES * w, LANES);
-                for (int64_t g = 0; g < G; g++)
-                    for (int64_t w = 0; w < W; w++) acc[g][w] += p[g][i / LANES][i % LANES] * row[w];
-            }
-        }
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t o = (b * H + kh * G + g) * D;
-            const float r = 1.0f / sum[g];
-            for (int64_t w = 0; w < W; w++) {
-                const vf y = acc[g][w] * r;
-                for (int l = 0; l < LANES; l++) {
-                    if (bf16)
-                        ((uint16_t *)out)[o + LANES * w + l] = scalar_round_bf16(y[l]);
-                    else
-                        ((float *)out)[o + LANES * w + l] = y[l];
-                }
-            }
-        }
+/* lane o of the result: its first or second half of each w-lane segment of the concatenation of a
+ * and b (`fold`'s two operands) */
+#if LANES == 16
+#define HALVES(w, h) \
+    SEG(w, h, 0), SEG(w, h, 1), SEG(w, h, 2), SEG(w, h, 3), SEG(w, h, 4), SEG(w, h, 5), SEG(w, h, 6), SEG(w, h, 7), \
+    SEG(w, h, 8), SEG(w, h, 9), SEG(w, h, 10), SEG(w, h, 11), SEG(w, h, 12), SEG(w, h, 13), SEG(w, h, 14), SEG(w, h, 15)
+#else
+#define HALVES(w, h) SEG(w, h, 0), SEG(w, h, 1), SEG(w, h, 2), SEG(w, h, 3), SEG(w, h, 4), SEG(w, h, 5), SEG(w, h, 6), SEG(w, h, 7)
+#endif
+#define SEG(w, h, o) (((o) / ((w) / 2)) * (w) + (h) * ((w) / 2) + (o) % ((w) / 2))
+
+/* a and b each hold LANES / w positions' partial sums, w lanes each: the result holds a's positions
+ * then b's, w / 2 lanes each (pairs of lanes summed). After log2(LANES) folds of a pairwise tree, a
+ * vector holds LANES positions' complete sums, in order. */
+INLINE vf fold(vf a, vf b, int w) {
+    switch (w) {
+#if LANES == 16
+    case 16: return __builtin_shufflevector(a, b, HALVES(16, 0)) + __builtin_shufflevector(a, b, HALVES(16, 1));
+#endif
+    case 8: return __builtin_shufflevector(a, b, HALVES(8, 0)) + __builtin_shufflevector(a, b, HALVES(8, 1));
+    case 4: return __builtin_shufflevector(a, b, HALVES(4, 0)) + __builtin_shufflevector(a, b, HALVES(4, 1));
+    default: return __builtin_shufflevector(a, b, HALVES(2, 0)) + __builtin_shufflevector(a, b, HALVES(2, 1));
     }
 }
 
-void loramux_paged_attention_f32(const float *q, int64_t q_stride, const float *k, const float *v,
-                                 const int64_t *slots, const bool *mask, float *out,
-                                 int64_t B, int64_t C, int64_t H, int64_t KV, int64_t D) {
-    paged_attention(false, q, q_stride, k, v, slots, mask, out, B, C, H, KV, D);
+#if LANES == 16
+#define LOG_LANES 4
+#else
+#define LOG_LANES 3
+#endif
+
+/* row b's attention for kv head kh's G query heads (the top of this file); a chunk's scores go by
+ * LANES positions at a time, each position's products folded into the head's tree (`fold`): the
+ * position at index l of the group folds with the pending vector of every level whose bit l has
+ * set, so a full group leaves one vector of its LANES sums, in order */
+INLINE void attend(bool bf16, const void *q, int64_t q_stride, const void *k, const void *v, const int64_t *slots,
+                   const bool *mask, void *out, int64_t C, int64_t H, int64_t KV, int64_t b, int64_t kh,
+                   const int64_t D, const int64_t G) {
+    const int64_t W = D / LANES; /* vectors per head */
+    const float scale = 1.0f / sqrtf((float)D);
+    vf qv[G][W], acc[G][W], row[W];
+    vf p[G][CHUNK / LANES]; /* the chunk's scores, then their weights */
+    float top[G], sum[G];
+    int64_t at[CHUNK]; /* where the chunk's K and V rows start in the pools */
+    for (int64_t g = 0; g < G; g++) {
+        for (int64_t w = 0; w < W; w++) {
+            qv[g][w] = scale * load_n(bf16, q, b * q_stride + (kh * G + g) * D + LANES * w, LANES);
+            acc[g][w] = (vf){0};
+        }
+        top[g] = -INFINITY;
+        sum[g] = 0.0f;
+    }
+    for (int64_t j = 0; j < C;) {
+        int n = 0;
+        for (; j < C && n < CHUNK; j++)
+            if (mask[b * C + j]) at[n++] = (slots[b * C + j] * KV + kh) * D;
+        if (n == 0) break; /* only padding was left */
+        for (int i = 0; i < AHEAD && i < n; i++) prefetch_row(bf16, k, at[i], D);
+        for (int c = 0; c < (n + LANES - 1) / LANES; c++) {
+            vf tree[G][LOG_LANES];
+            for (int l = 0; l < LANES; l++) {
+                const int i = c * LANES + l;
+                if (i < n) {
+                    if (i + AHEAD < n) prefetch_row(bf16, k, at[i + AHEAD], D);
+                    prefetch_row(bf16, v, at[i], D);
+                    for (int64_t w = 0; w < W; w++) row[w] = load_n(bf16, k, at[i] + LANES * w, LANES);
+                } else
+                    for (int64_t w = 0; w < W; w++) row[w] = (vf){0};
+                for (int64_t g = 0; g < G; g++) {
+                    vf s = qv[g][0] * row[0];
+                    for (int64_t w = 1; w < W; w++) s += qv[g][w] * row[w];
+                    int level = 0, width = LANES;
+                    for (int m = l; m & 1; m >>= 1, level++, width /= 2) s = fold(tree[g][level], s, width);
+                    if (level < LOG_LANES) tree[g][level] = s; else p[g][c] = s;
+                }
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            for (int i = n; i % LANES; i++) p[g][i / LANES][i % LANES] = -INFINITY; /* lanes past the context weigh 0 */
+            vf mv = p[g][0];
+            for (int c = 1; c < (n + LANES - 1) / LANES; c++) mv = blend(p[g][c] > mv, p[g][c], mv);
+            float m = top[g];
+            for (int l = 0; l < LANES; l++) m = mv[l] > m ? mv[l] : m;
+            if (m > top[g]) { /* a new max: what was summed so far shrinks by e^(old - new) */
+                const float shrink = expf(top[g] - m);
+                sum[g] *= shrink;
+                for (int64_t w = 0; w < W; w++) acc[g][w] *= shrink;
+                top[g] = m;
+            }
+            vf added = {0};
+            for (int c = 0; c < (n + LANES - 1) / LANES; c++) added += p[g][c] = exp_lanes(p[g][c] - m);
+            sum[g] += hsum(added);
+        }
+        for (int i = 0; i < n; i++) {
+            for (int64_t w = 0; w < W; w++) row[w] = load_n(bf16, v, at[i] + LANES * w, LANES);
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t w = 0; w < W; w++) acc[g][w] += p[g][i / LANES][i % LANES] * row[w];
+        }
+    }
+    for (int64_t g = 0; g < G; g++) {
+        const float r = 1.0f / sum[g];
+        for (int64_t w = 0; w < W; w++) store_n(bf16, out, (b * H + kh * G + g) * D + LANES * w, acc[g][w] * r, LANES);
+    }
 }
 
-void loramux_paged_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, const uint16_t *v,
-                                  const int64_t *slots, const bool *mask, uint16_t *out,
-                                  int64_t B, int64_t C, int64_t H, int64_t KV, int64_t D) {
-    paged_attention(true, q, q_stride, k, v, slots, mask, out, B, C, H, KV, D);
-}
+/* One exported kernel per dtype, each with its own OpenMP loop over the work items: the loop's body
+ * is compiled as a function of its own, which has the dtype as a constant, and the head shapes
+ * (D, G) below too: head_dim 64 with 3 query heads per kv head (SmolLM2-135M and -360M) or 4
+ * (Llama-3.2-1B), head_dim 128 with 4 (Llama-3-8B, Mistral-7B); others as they come. */
+#define ATTEND(bf16, d, g) attend(bf16, q, q_stride, k, v, slots, mask, out, C, H, KV, b, kh, d, g)
+#define PAGED_ATTENTION(name, bf16, T)                                                                              \
+    void name(const T *q, int64_t q_stride, const T *k, const T *v, const int64_t *slots, const bool *mask, T *out, \
+              int64_t B, int64_t C, int64_t H, int64_t KV, int64_t D) {                                             \
+        const int64_t G = H / KV;                                                                                   \
+        _Pragma("omp parallel for schedule(dynamic) if (B * C * KV * D >= PARALLEL_FROM)")                          \
+        for (int64_t item = 0; item < B * KV; item++) {                                                             \
+            const int64_t b = item / KV, kh = item % KV;                                                            \
+            if (D == 64 && G == 3) ATTEND(bf16, 64, 3);                                                             \
+            else if (D == 64 && G == 4) ATTEND(bf16, 64, 4);                                                        \
+            else if (D == 128 && G == 4) ATTEND(bf16, 128, 4);                                                      \
+            else ATTEND(bf16, D, G);                                                                                \
+        }                                                                                                           \
+    }
+
+PAGED_ATTENTION(loramux_paged_attention_f32, false, float)
+PAGED_ATTENTION(loramux_paged_attention_bf16, true, uint16_t)
