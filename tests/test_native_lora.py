@@ -30,16 +30,16 @@ RANKS = {"q_proj": 8, "k_proj": 24, "v_proj": 40}
 ADAPTERS = {0: ("q_proj", "k_proj", "v_proj"), 1: ("k_proj",), 2: ("q_proj", "v_proj")}
 
 
-def _adapters(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, dict[int, LoraWeights]]:
-    """Adapters of `dtype` (bf16 values either way); powers-of-two scales, so folding the scale into
-    B is exact."""
+def _adapters(seed: int = 0, dtype: torch.dtype = torch.bfloat16, in_features: int = IN) -> dict[str, dict[int, LoraWeights]]:
+    """Adapters of `dtype` (bf16 values either way) on inputs of `in_features`; powers-of-two
+    scales, so folding the scale into B is exact."""
     g = torch.Generator().manual_seed(seed)
     adapters: dict[str, dict[int, LoraWeights]] = {name: {} for name, _ in OUTS}
     outs = dict(OUTS)
     for slot, names in ADAPTERS.items():
         for name in names:
             r = RANKS[name] if slot == 0 else max(1, RANKS[name] // 2 - slot)
-            adapters[name][slot] = LoraWeights(A=(torch.randn(r, IN, generator=g) / IN**0.5).bfloat16().to(dtype),
+            adapters[name][slot] = LoraWeights(A=(torch.randn(r, in_features, generator=g) / in_features**0.5).bfloat16().to(dtype),
                                                B=torch.randn(outs[name], r, generator=g).bfloat16().to(dtype), scale=2.0 ** (slot - 1))
     return adapters
 
@@ -77,19 +77,20 @@ LAYOUTS = {
 
 
 @needs_kernel
+@pytest.mark.parametrize("in_features", [IN, 300])  # 300: more than the 256 input elements the kernel converts at a time
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("isa", ["this CPU's", "avx2"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_kernel_adds_the_reference_deltas_rounded_once(layout, isa, dtype):
+def test_kernel_adds_the_reference_deltas_rounded_once(layout, isa, dtype, in_features):
     """In the build for this CPU, and in the AVX2 build (8 lanes, other register blocking) that an
     AVX2-only CPU runs; bf16 rows with a bf16 stack, float32 rows with a float32 one."""
     num_rows, segments = LAYOUTS[layout]
     seg = LoraSegments.from_segments(num_rows, segments)
-    adapters = _adapters(dtype=dtype)
-    packed = PackedLora.build_fused([(adapters[name], out) for name, out in OUTS], IN)
+    adapters = _adapters(dtype=dtype, in_features=in_features)
+    packed = PackedLora.build_fused([(adapters[name], out) for name, out in OUTS], in_features)
     assert packed.A_t.dtype == packed.B.dtype == dtype
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(num_rows, IN, generator=g).to(dtype)
+    x = torch.randn(num_rows, in_features, generator=g).to(dtype)
     y = torch.randn(num_rows, sum(out for _, out in OUTS), generator=g).to(dtype)
     assert segmented_lora.accepts(y, x)
     with contextlib.ExitStack() as stack:

@@ -175,24 +175,35 @@ INLINE void attend(bool bf16, const void *q, int64_t q_stride, const void *k, co
     }
 }
 
-/* One exported kernel per dtype, each with its own OpenMP loop over the work items: the loop's body
- * is compiled as a function of its own, which has the dtype as a constant, and the head shapes
- * (D, G) below too: head_dim 64 with 3 query heads per kv head (SmolLM2-135M and -360M) or 4
- * (Llama-3.2-1B), head_dim 128 with 4 (Llama-3-8B, Mistral-7B); others as they come. */
-#define ATTEND(bf16, d, g) attend(bf16, q, q_stride, k, v, slots, mask, out, C, H, KV, b, kh, d, g)
-#define PAGED_ATTENTION(name, bf16, T)                                                                              \
-    void name(const T *q, int64_t q_stride, const T *k, const T *v, const int64_t *slots, const bool *mask, T *out, \
-              int64_t B, int64_t C, int64_t H, int64_t KV, int64_t D) {                                             \
-        const int64_t G = H / KV;                                                                                   \
-        _Pragma("omp parallel for schedule(dynamic) if (B * C * KV * D >= PARALLEL_FROM)")                          \
-        for (int64_t item = 0; item < B * KV; item++) {                                                             \
-            const int64_t b = item / KV, kh = item % KV;                                                            \
-            if (D == 64 && G == 3) ATTEND(bf16, 64, 3);                                                             \
-            else if (D == 64 && G == 4) ATTEND(bf16, 64, 4);                                                        \
-            else if (D == 128 && G == 4) ATTEND(bf16, 128, 4);                                                      \
-            else ATTEND(bf16, D, G);                                                                                \
-        }                                                                                                           \
+/* One work item per (row, kv head). `attend` gets the dtype, and the usual head shapes (D, G), as
+ * constants: head_dim 64 with 3 query heads per kv head (SmolLM2-135M and -360M) or 4
+ * (Llama-3.2-1B), head_dim 128 with 4 (Llama-3-8B, Mistral-7B); other shapes as they come. */
+INLINE void paged_attention(bool bf16, const void *q, int64_t q_stride, const void *k, const void *v,
+                            const int64_t *slots, const bool *mask, void *out, int64_t B, int64_t C, int64_t H,
+                            int64_t KV, int64_t D) {
+    const int64_t G = H / KV;
+    #pragma omp parallel for schedule(dynamic) if (B * C * KV * D >= PARALLEL_FROM)
+    for (int64_t item = 0; item < B * KV; item++) {
+        const int64_t b = item / KV, kh = item % KV;
+        if (D == 64 && G == 3)
+            WITH_DTYPE(bf16, attend, q, q_stride, k, v, slots, mask, out, C, H, KV, b, kh, 64, 3);
+        else if (D == 64 && G == 4)
+            WITH_DTYPE(bf16, attend, q, q_stride, k, v, slots, mask, out, C, H, KV, b, kh, 64, 4);
+        else if (D == 128 && G == 4)
+            WITH_DTYPE(bf16, attend, q, q_stride, k, v, slots, mask, out, C, H, KV, b, kh, 128, 4);
+        else
+            WITH_DTYPE(bf16, attend, q, q_stride, k, v, slots, mask, out, C, H, KV, b, kh, D, G);
     }
+}
 
-PAGED_ATTENTION(loramux_paged_attention_f32, false, float)
-PAGED_ATTENTION(loramux_paged_attention_bf16, true, uint16_t)
+void loramux_paged_attention_f32(const float *q, int64_t q_stride, const float *k, const float *v,
+                                 const int64_t *slots, const bool *mask, float *out,
+                                 int64_t B, int64_t C, int64_t H, int64_t KV, int64_t D) {
+    paged_attention(false, q, q_stride, k, v, slots, mask, out, B, C, H, KV, D);
+}
+
+void loramux_paged_attention_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k, const uint16_t *v,
+                                  const int64_t *slots, const bool *mask, uint16_t *out,
+                                  int64_t B, int64_t C, int64_t H, int64_t KV, int64_t D) {
+    paged_attention(true, q, q_stride, k, v, slots, mask, out, B, C, H, KV, D);
+}

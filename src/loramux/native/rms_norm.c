@@ -15,29 +15,32 @@
 
 #define PARALLEL_FROM 65536 /* elements: below it, one thread is faster than waking the other */
 
-static void rms_norm(int bf16, const void *x, const void *w, void *y, int64_t rows, int64_t n, float eps) {
-    #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_FROM)
-    for (int64_t r = 0; r < rows; r++) {
-        vf acc = {0};
-        for (int64_t i = 0; i < n; i += LANES) {
-            const vf v = load_n(bf16, x, r * n + i, n - i);
-            acc += v * v;
-        }
-        const float s = 1.0f / sqrtf(hsum(acc) / (float)n + eps);
-        for (int64_t i = 0; i < n; i += LANES) {
-            const vf normed = load_n(bf16, x, r * n + i, n - i) * s;
-            if (bf16)
-                store_bf16_n((uint16_t *)y + r * n + i, load_bf16_n((const uint16_t *)w + i, n - i) * round_bf16_v(normed), n - i);
-            else
-                store_f32_n((float *)y + r * n + i, normed * load_f32_n((const float *)w + i, n - i), n - i);
-        }
+/* row r of x normed into y */
+INLINE void norm_row(bool bf16, const void *x, const void *w, void *y, int64_t r, int64_t n, float eps) {
+    vf acc = {0};
+    for (int64_t i = 0; i < n; i += LANES) {
+        const vf v = load_n(bf16, x, r * n + i, n - i);
+        acc += v * v;
+    }
+    const float s = 1.0f / sqrtf(hsum(acc) / (float)n + eps);
+    for (int64_t i = 0; i < n; i += LANES) {
+        const vf normed = load_n(bf16, x, r * n + i, n - i) * s;
+        if (bf16)
+            store_bf16_n((uint16_t *)y + r * n + i, load_bf16_n((const uint16_t *)w + i, n - i) * round_bf16_v(normed), n - i);
+        else
+            store_f32_n((float *)y + r * n + i, normed * load_f32_n((const float *)w + i, n - i), n - i);
     }
 }
 
+INLINE void rms_norm(bool bf16, const void *x, const void *w, void *y, int64_t rows, int64_t n, float eps) {
+    #pragma omp parallel for schedule(static) if (rows * n >= PARALLEL_FROM)
+    for (int64_t r = 0; r < rows; r++) WITH_DTYPE(bf16, norm_row, x, w, y, r, n, eps);
+}
+
 void loramux_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, float eps) {
-    rms_norm(1, x, w, y, rows, n, eps);
+    rms_norm(true, x, w, y, rows, n, eps);
 }
 
 void loramux_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
-    rms_norm(0, x, w, y, rows, n, eps);
+    rms_norm(false, x, w, y, rows, n, eps);
 }

@@ -4,6 +4,7 @@
 #ifndef LORAMUX_VEC_H
 #define LORAMUX_VEC_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -22,6 +23,17 @@ typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
 typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x4 __attribute__((vector_size(16)));
+
+/* f(bf16, ...) with bf16 as a constant. For calls inside an OpenMP loop: the loop's body is compiled
+ * as one function for every caller of the function that holds the loop, so a dtype that is a
+ * constant in each caller is not one there. */
+#define WITH_DTYPE(bf16, f, ...) \
+    do {                           \
+        if (bf16)                  \
+            f(true, __VA_ARGS__);  \
+        else                       \
+            f(false, __VA_ARGS__); \
+    } while (0)
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -61,7 +73,7 @@ INLINE vf load_f32_n(const float *p, int64_t n) {
 }
 
 /* the first n float32 or bf16 elements at p + i (all LANES if n >= LANES), as float32 */
-INLINE vf load_n(int bf16, const void *p, int64_t i, int64_t n) {
+INLINE vf load_n(bool bf16, const void *p, int64_t i, int64_t n) {
     return bf16 ? load_bf16_n((const uint16_t *)p + i, n) : load_f32_n((const float *)p + i, n);
 }
 
@@ -94,7 +106,7 @@ INLINE void store_bf16_n(uint16_t *p, vf v, int64_t n) {
 }
 
 /* the first n lanes of v (all if n >= LANES) into p + i, as float32 or rounded to bf16 */
-INLINE void store_n(int bf16, void *p, int64_t i, vf v, int64_t n) {
+INLINE void store_n(bool bf16, void *p, int64_t i, vf v, int64_t n) {
     if (bf16)
         store_bf16_n((uint16_t *)p + i, v, n);
     else
