@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,8 @@ Parts = Sequence[StepContext]  # one per part of the step, in the batch's order 
 
 def each(ctxs: Parts, fn: Callable[..., torch.Tensor], *per_part: Sequence) -> list:
     """[fn(ctx, *items) for each part], each call under its part's grad mode (whatever the caller's)."""
+    if len(ctxs) == 1 and ctxs[0].part.builds_graph == torch.is_grad_enabled():  # one part, in its mode already
+        return [fn(ctxs[0], *(items[0] for items in per_part))]
     out = []
     for ctx, *items in zip(ctxs, *per_part):
         with torch.set_grad_enabled(ctx.part.builds_graph):
@@ -99,10 +101,18 @@ def linear(layer: FusedLoraLinear, xs: Sequence[torch.Tensor], ctxs: Parts, merg
     return each(ctxs, lambda ctx, x, base: layer(x, ctx.part.lora, ctx.part.builds_graph, ctx.generations, base), xs, bases)
 
 
-@contextmanager
-def recomputed_parts(ctxs: Parts, tensors: Sequence[torch.Tensor], recomputes: Sequence[Callable[[], torch.Tensor] | None]) -> Iterator[None]:
+def recomputed_parts(ctxs: Parts, tensors: Sequence[torch.Tensor],
+                     recomputes: Sequence[Callable[[], torch.Tensor] | None]) -> AbstractContextManager:
     """`recomputed(tensor, recompute)` (model/recompute.py) for each graph-building part's tensor,
     entered in turn, so each part's hooks pass the other's tensors on to the hooks around them."""
+    if not any(ctx.part.builds_graph for ctx in ctxs):
+        return nullcontext()
+    return _recomputed_parts(ctxs, tensors, recomputes)
+
+
+@contextmanager
+def _recomputed_parts(ctxs: Parts, tensors: Sequence[torch.Tensor],
+                      recomputes: Sequence[Callable[[], torch.Tensor] | None]) -> Iterator[None]:
     with ExitStack() as stack:
         for ctx, tensor, recompute in zip(ctxs, tensors, recomputes):
             if ctx.part.builds_graph and recompute is not None:
