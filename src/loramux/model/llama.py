@@ -31,9 +31,10 @@ from loramux.lora.layer import FusedLoraLinear, LoraProjection, MultiLoraLinear
 from loramux.lora.prepacked import FrozenLinear
 from loramux.model.recompute import recomputed
 from loramux.model.rope import apply_rotary, inverse_frequencies, rotary_tables
-from loramux.native import paged_attention, rms_norm
+from loramux.native import paged_attention, rms_norm, rotary
 from loramux.native.paged_attention import paged_attention_native
 from loramux.native.rms_norm import rms_norm_native
+from loramux.native.rotary import rotary_native
 
 
 class RMSNorm(nn.Module):
@@ -168,12 +169,17 @@ class Attention(nn.Module):
         it again from what attention's backward keeps, or None for a pure decode part)."""
         T, H, KV = qkv.shape[0], self.num_heads, self.num_kv_heads
         qkv = qkv.view(T, H + 2 * KV, self.head_dim)  # heads of q, then k, then v
-        qk = apply_rotary(qkv[:, : H + KV], ctx.cos, ctx.sin)  # q and k heads rotated in one go
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         plan = ctx.part.attention
-        if plan.writes_all_rows:
-            ctx.kv.write(self.layer_idx, plan.write_slots, k, v)
-        elif plan.write_rows.numel():
+        if not torch.is_grad_enabled() and rotary.accepts(qkv, ctx.cos, ctx.sin, ctx.kv):
+            # one native call: q and k heads rotated in place, K and V written if every row writes
+            rotary_native(qkv, H, ctx.cos, ctx.sin, ctx.kv, self.layer_idx, plan.write_slots if plan.writes_all_rows else None)
+            q, k, v = qkv[:, :H], qkv[:, H : H + KV], qkv[:, H + KV :]
+        else:
+            qk = apply_rotary(qkv[:, : H + KV], ctx.cos, ctx.sin)  # q and k heads rotated in one go
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + KV :]
+            if plan.writes_all_rows:
+                ctx.kv.write(self.layer_idx, plan.write_slots, k, v)
+        if not plan.writes_all_rows and plan.write_rows.numel():
             ctx.kv.write(self.layer_idx, plan.write_slots, k[plan.write_rows], v[plan.write_rows])
         if plan.decodes_all_rows:  # a pure decode part: no scatter into a separate output
             return self._decode(q, ctx).reshape(T, -1), None

@@ -6,6 +6,8 @@
 - `rms_norm.c`: RMSNorm of inference rows, one pass per row (native/rms_norm.py);
 - `paged_attention.c`: decode attention read in place from the paged KV cache
   (native/paged_attention.py).
+- `rotary.c`: the rotary embedding of q and k heads in place, with the rows' K and V written to the
+  paged KV cache in the same pass (native/rotary.py).
 
 All are plain C written with the compiler's generic vectors (`vec.h`) and built into one library
 for the best instruction set of ISAS this CPU has (`library()`), so AVX2-only CPUs run them too.
