@@ -1,5 +1,5 @@
 """Native CPU kernels for the small, frequent operations PyTorch runs as many ops: C files here
-(`*.c`, sharing `bf16.h`), compiled into libraries loaded with ctypes.
+(`*.c`, sharing `vec.h`), compiled into libraries loaded with ctypes.
 
 - `segmented_lora.c`: the LoRA deltas of bf16 and float32 inference rows, one call per fused linear (called
   from lora/segmented_lora.py, beside the PyTorch paths it replaces);

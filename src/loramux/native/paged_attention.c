@@ -35,7 +35,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "bf16.h"
 #include "vec.h"
 
 #define CHUNK 64                /* context positions scored before their V rows are added */

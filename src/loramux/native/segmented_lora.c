@@ -23,7 +23,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "bf16.h"
 #include "vec.h"
 
 /* how many rank vectors of accumulators, ROWS rows each, fit the registers (32 with AVX-512, 16

@@ -1,6 +1,6 @@
 /* The compiler's generic vectors (GCC's and Clang's vector extensions) as wide as a register, so
  * that one kernel source builds for AVX-512 and for AVX2 (loramux.native builds each for the best
- * of them the CPU has), and the bf16 helpers the kernels share. */
+ * of them the CPU has), and the bf16 conversions the kernels share. */
 #ifndef LORAMUX_VEC_H
 #define LORAMUX_VEC_H
 
