@@ -6,8 +6,8 @@ PyTorch ops, where those copy every decode row's context out of the pool into a 
 reads each context position's K and V rows where they lie in the pool, through the row's slots,
 and skips the padding. In float32 it gives SDPA's results up to summation order; in bf16 it rounds
 only its output (SDPA also rounds the probabilities to bf16 before multiplying them with V).
-Decode attention of SmolLM2-135M's shape, 30 layers, on one Zen 4 core: 5-10x faster than the gather
-and SDPA in bf16, 1.2-2.6x in float32 (docs/benchmarks.md, paged attention). Only for rows that
+Decode attention of SmolLM2-135M's shape, 30 layers, on one Zen 4 core: 7-12x faster than the gather
+and SDPA in bf16, 1.7-3x in float32 (docs/benchmarks.md, paged attention). Only for rows that
 build no graph: it has no backward. The kernel is plain C built for AVX-512 or for AVX2, whichever
 the CPU has (`native.library`).
 """
