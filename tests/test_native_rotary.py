@@ -60,9 +60,8 @@ def _reference(kv, qkv, cos, sin, slots, heads, layer):
 @pytest.mark.parametrize("rows", [1, 37, 600])  # 600: split over threads
 def test_rotated_rows_and_written_cache_are_the_pytorch_ops_bit_for_bit(rows, shape, dtype, isa):
     kv, qkv, cos, sin, slots, heads = _case(shape, dtype, rows, extra_heads=2)
-    expected_kv = PagedKVCache.__new__(PagedKVCache)
-    expected_kv.k, expected_kv.v = kv.k.clone(), kv.v.clone()
-    expected = _reference(expected_kv, qkv.clone(), cos, sin, slots, heads, layer=1)
+    expected_kv, expected_qkv = _case(shape, dtype, rows, extra_heads=2)[:2]  # the same case again, for the reference
+    expected = _reference(expected_kv, expected_qkv, cos, sin, slots, heads, layer=1)
     assert rotary.accepts(qkv, cos, sin, kv) and (rows == 1 or not qkv.is_contiguous())
     with mock.patch.object(native, "cpu_isa", return_value="avx2") if isa == "avx2" else contextlib.nullcontext():
         rotary.rotary_native(qkv, heads, cos, sin, kv, layer=1, slots=slots)
@@ -102,7 +101,7 @@ def test_greedy_decoding_is_the_same_with_the_kernel_or_without(tiny_engine):
         with_kernel = [g.token_ids for g in tiny_engine().generate(prompts, params=params)]
         assert calls.call_count > 0 and all(c.args[6] is not None for c in calls.call_args_list)  # every call wrote
         calls.reset_mock()
-        with mock.patch.object(rotary, "accepts", lambda *args: False):
+        with mock.patch.object(rotary, "takes_tables", lambda *args: False):
             without = [g.token_ids for g in tiny_engine().generate(prompts, params=params)]
         assert calls.call_count == 0
     assert with_kernel == without and all(len(t) == 40 for t in with_kernel)

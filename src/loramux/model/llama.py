@@ -72,6 +72,13 @@ class StepContext:
         plan = self.part.attention
         return paged_attention.reads_in_place(self.kv, plan.decode_slots, plan.decode_mask)
 
+    @functools.cached_property
+    def rotates_in_place(self) -> bool:
+        """Whether the native kernel can rotate this part's q and k heads (and write its K and V):
+        decided once for every layer of the step, as `decodes_in_place` (the layers differ only
+        in their rows, `rotary.takes_rows`)."""
+        return rotary.takes_tables(self.cos, self.sin, self.kv)
+
 
 Parts = Sequence[StepContext]  # one per part of the step, in the batch's order (graph-building first)
 
@@ -170,7 +177,7 @@ class Attention(nn.Module):
         T, H, KV = qkv.shape[0], self.num_heads, self.num_kv_heads
         qkv = qkv.view(T, H + 2 * KV, self.head_dim)  # heads of q, then k, then v
         plan = ctx.part.attention
-        if not torch.is_grad_enabled() and rotary.accepts(qkv, ctx.cos, ctx.sin, ctx.kv):
+        if not torch.is_grad_enabled() and ctx.rotates_in_place and rotary.takes_rows(qkv, ctx.cos):
             # one native call: q and k heads rotated in place, K and V written if every row writes
             rotary_native(qkv, H, ctx.cos, ctx.sin, ctx.kv, self.layer_idx, plan.write_slots if plan.writes_all_rows else None)
             q, k, v = qkv[:, :H], qkv[:, H : H + KV], qkv[:, H + KV :]

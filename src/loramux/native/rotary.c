@@ -36,13 +36,13 @@ INLINE vf product(bool bf16, vf a, vf b) { return bf16 ? round_bf16_v(a * b) : o
 INLINE void rotate_row(bool bf16, void *qkv, int64_t stride, const void *cos, const void *sin, const int64_t *slots,
                        void *k_pool, void *v_pool, int64_t t, int64_t H, int64_t KV, int64_t D) {
     const int64_t half = D / 2, size = bf16 ? 2 : 4;
-    for (int64_t h = 0; h < H + KV; h++) {
-        const int64_t x = t * stride + h * D; /* the head's first element */
-        for (int64_t i = 0; i < half; i += LANES) {
-            const int64_t n = half - i;
+    for (int64_t i = 0; i < half; i += LANES) { /* the row's tables read once for all its heads */
+        const int64_t n = half - i;
+        const vf c1 = load_n(bf16, cos, t * D + i, n), c2 = load_n(bf16, cos, t * D + half + i, n);
+        const vf s1 = load_n(bf16, sin, t * D + i, n), s2 = load_n(bf16, sin, t * D + half + i, n);
+        for (int64_t h = 0; h < H + KV; h++) {
+            const int64_t x = t * stride + h * D; /* the head's first element */
             const vf x1 = load_n(bf16, qkv, x + i, n), x2 = load_n(bf16, qkv, x + half + i, n);
-            const vf c1 = load_n(bf16, cos, t * D + i, n), c2 = load_n(bf16, cos, t * D + half + i, n);
-            const vf s1 = load_n(bf16, sin, t * D + i, n), s2 = load_n(bf16, sin, t * D + half + i, n);
             store_n(bf16, qkv, x + i, product(bf16, x1, c1) - product(bf16, x2, s1), n);
             store_n(bf16, qkv, x + half + i, product(bf16, x2, c2) + product(bf16, x1, s2), n);
         }

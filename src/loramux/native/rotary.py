@@ -20,19 +20,34 @@ from loramux.native import available, library
 if TYPE_CHECKING:
     from loramux.kv.paged_cache import PagedKVCache
 
+KERNELS = {torch.bfloat16: "loramux_rotary_bf16", torch.float32: "loramux_rotary_f32"}
+
 
 def accepts(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: PagedKVCache | None) -> bool:
-    """Whether the kernel takes qkv [T, heads, D] (heads contiguous, rows any stride apart) with
-    tables cos, sin [T, 1, D] of its dtype, bf16 or float32, on the CPU, and the pools of `kv` (if
-    any) of that dtype and layout."""
+    """Whether the kernel takes qkv [T, heads, D] with these tables and pools: `takes_tables` (the
+    same for every layer of a step) and `takes_rows`."""
+    return takes_tables(cos, sin, kv) and takes_rows(qkv, cos)
+
+
+def takes_tables(cos: torch.Tensor, sin: torch.Tensor, kv: PagedKVCache | None) -> bool:
+    """The step's half of `accepts`: tables cos, sin [T, 1, D], contiguous, bf16 or float32 on the
+    CPU, the pools of `kv` (if any) of their dtype, layout and D, and a kernel built for this CPU."""
     return (
-        qkv.device.type == "cpu" and qkv.dtype in _NAMES and qkv.dim() == 3 and qkv.stride(2) == 1
-        and qkv.stride(1) == qkv.shape[2] and qkv.shape[2] % 2 == 0
-        and cos.dtype == sin.dtype == qkv.dtype and cos.is_contiguous() and sin.is_contiguous()
-        and cos.shape == sin.shape == (qkv.shape[0], 1, qkv.shape[2])
-        and (kv is None or (kv.k.dtype == qkv.dtype and kv.k.is_contiguous() and kv.v.is_contiguous()
-                            and kv.k.shape[3] == qkv.shape[2]))
+        cos.device.type == "cpu" and cos.dtype in KERNELS and sin.dtype == cos.dtype and cos.dim() == 3
+        and cos.shape == sin.shape and cos.shape[1] == 1 and cos.shape[2] % 2 == 0
+        and cos.is_contiguous() and sin.is_contiguous()
+        and (kv is None or (kv.k.dtype == cos.dtype and kv.k.is_contiguous() and kv.v.is_contiguous()
+                            and kv.k.shape[3] == cos.shape[2]))
         and available()
+    )
+
+
+def takes_rows(qkv: torch.Tensor, cos: torch.Tensor) -> bool:
+    """A layer's half of `accepts`: qkv [T, heads, D] in the tables' dtype and shape, heads
+    contiguous (rows any stride apart)."""
+    return (
+        qkv.dtype == cos.dtype and qkv.dim() == 3 and qkv.stride(2) == 1 and qkv.stride(1) == qkv.shape[2]
+        and qkv.shape[0] == cos.shape[0] and qkv.shape[2] == cos.shape[2]
     )
 
 
@@ -54,13 +69,10 @@ def rotary_native(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: tor
     )
 
 
-_NAMES = {torch.bfloat16: "loramux_rotary_bf16", torch.float32: "loramux_rotary_f32"}
-
-
 @functools.cache
 def _kernels(lib: ctypes.CDLL) -> dict[torch.dtype, object]:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    kernels = {dtype: getattr(lib, name) for dtype, name in _NAMES.items()}
+    kernels = {dtype: getattr(lib, name) for dtype, name in KERNELS.items()}
     for fn in kernels.values():
         fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64]
         fn.restype = None

@@ -9,7 +9,6 @@ clients and the fuzz test (tests/test_fuzz_api.py) read.
 from __future__ import annotations
 
 import os
-
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
